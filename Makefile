@@ -1,0 +1,33 @@
+# Every target makes its own virtual environment first; nothing is installed by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test eval bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## the main job on the built-in dataset: tokenize -> pretrain -> finetune -> sample -> evaluate
+demo: setup
+	$(BIN)/python -m stages.demo
+
+## the test suite (unit + slow end-to-end checks)
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+## short tokenize -> pretrain -> evaluate; fails below configs/eval/thresholds.yaml
+eval: setup
+	$(BIN)/python -m stages.demo --eval
+
+## speed and memory figures -> benchmarks/results.md
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf runs data .pytest_cache

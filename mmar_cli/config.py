@@ -1,0 +1,332 @@
+"""Structured configs for every stage: OmegaConf dataclasses, YAML presets, `key=value` overrides.
+
+Every field carries a help text (shown by `--help` and `mmar config show`) and, where it matters, the
+values it allows. `load_config` merges schema defaults <- YAML preset <- dotlist overrides and then
+validates, so an unknown key or a bad value stops the run with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mmar_cli.errors import UserError
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", choices: Optional[list] = None,
+        min: Optional[float] = None, max: Optional[float] = None, factory=None):
+    """A documented config field. `choices`/`min`/`max` are checked by `validate`."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ImageTokenizerConfig:
+    kind: str = opt("patch", "image tokenizer: 'patch' (lossless pixel patches), 'pca' (patches projected "
+                    "on principal components fitted on the data), 'vae' (diffusers AutoencoderKL from a "
+                    "local directory)", choices=["patch", "pca", "vae"])
+    patch_size: int = opt(8, "pixels per side of one patch token ('patch'/'pca'), or latent positions per "
+                          "side grouped into one token ('vae')", min=1)
+    pca_dim: int = opt(32, "'pca': values per token kept (principal components)", min=1)
+    vae_path: Optional[str] = opt(None, "'vae': local directory of a diffusers AutoencoderKL "
+                                  "(config.json + weights); never downloaded")
+    vae_scale: Optional[float] = opt(None, "'vae': latent scale factor; None = measured on the data so "
+                                     "latents have unit std (LDM KL-16 uses 0.2325)")
+    flip: bool = opt(False, "also store the tokens of the horizontally flipped image (MAR's cache)")
+
+
+@dataclass
+class TextTokenizerConfig:
+    kind: str = opt("bpe", "'bpe': train a small BPE on the captions and keep it beside the shards; "
+                    "'byte': UTF-8 bytes, no files; 'file': a tokenizer.json from `path` used as is",
+                    choices=["bpe", "byte", "file"])
+    path: Optional[str] = opt(None, "'file': a tokenizer.json or a directory holding one (e.g. Qwen2's)")
+    vocab_size: int = opt(512, "'bpe': vocabulary size to train", min=64)
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenize
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ShapesConfig:
+    image_size: int = opt(32, "side of the built-in dataset's images in pixels", choices=[32, 64])
+    max_shapes: int = opt(1, "shapes per image (1 or 2)", min=1, max=2)
+    num_train: int = opt(20000, "training images", min=0)
+    num_val: int = opt(500, "validation images", min=0)
+    num_test: int = opt(500, "test images (held out)", min=0)
+    seed: int = opt(0, "seed of the procedural dataset; the same seed gives the same images")
+
+
+@dataclass
+class TokenizeConfig:
+    input: str = opt("builtin", "'builtin' (procedural shapes), an image folder with sidecar .txt "
+                     "captions, a .jsonl file, or a directory/brace pattern of img2dataset .tar shards")
+    format: str = opt("auto", "input format; 'auto' guesses from `input`",
+                      choices=["auto", "builtin", "folder", "jsonl", "wds"])
+    out: str = opt("data/shapes", "output directory; the built-in dataset writes one sub-directory per "
+                   "split (train/, val/, test/)")
+    image_size: int = opt(32, "images are resized (center crop + resize) to this side before tokenizing",
+                          min=8)
+    shard_size: int = opt(1000, "samples per shard", min=1)
+    workers: int = opt(1, "tokenizer worker processes", min=1)
+    strict: bool = opt(False, "stop at the first bad input instead of skipping and counting it")
+    overwrite: bool = opt(False, "replace an existing output directory")
+    shapes: ShapesConfig = opt(factory=ShapesConfig, help="the built-in dataset")
+    image_tokenizer: ImageTokenizerConfig = opt(factory=ImageTokenizerConfig, help="image tokenizer")
+    text_tokenizer: TextTokenizerConfig = opt(factory=TextTokenizerConfig, help="text tokenizer")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DiffusionHeadConfig:
+    width: Optional[int] = opt(None, "MLP width of the per-token diffusion head (None: from preset)")
+    depth: Optional[int] = opt(None, "residual AdaLN blocks (None: from preset)")
+    prediction: str = opt("v", "what the head predicts: 'v' (v-prediction, stable in bf16) or 'eps'",
+                          choices=["v", "eps"])
+    num_train_timesteps: int = opt(1000, "diffusion steps of the training schedule", min=2)
+    schedule: str = opt("cosine", "noise schedule", choices=["cosine", "linear"])
+    batch_mul: int = opt(4, "noise draws per token per training step (diffusion_batch_mul)", min=1)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = opt("tiny", "size preset; explicit fields below override it",
+                      choices=["tiny", "small", "base", "qwen2-0.5b", "qwen2-7b"])
+    width: Optional[int] = opt(None, "hidden size (None: from preset)")
+    depth: Optional[int] = opt(None, "transformer blocks (None: from preset)")
+    heads: Optional[int] = opt(None, "attention heads (None: from preset)")
+    kv_heads: Optional[int] = opt(None, "key/value heads for grouped-query attention (None: from preset)")
+    mlp_hidden: Optional[int] = opt(None, "SwiGLU hidden size (None: from preset)")
+    qkv_bias: Optional[bool] = opt(None, "bias on q/k/v projections as in Qwen2 (None: from preset)")
+    tie_embeddings: Optional[bool] = opt(None, "share the text embedding with the LM head (None: preset)")
+    rope_theta: float = opt(10000.0, "RoPE base", min=1.0)
+    norm_eps: float = opt(1e-6, "RMSNorm epsilon", min=0.0)
+    image_embedder_depth: int = opt(0, "ViT blocks in the image embedder (0: a linear layer)", min=0)
+    diffusion: DiffusionHeadConfig = opt(factory=DiffusionHeadConfig, help="diffusion head")
+    mask_min: float = opt(0.7, "lowest mask ratio of masked image modelling (pretrain 0.7, finetune 0.0)",
+                          min=0.0, max=1.0)
+    mask_std: float = opt(0.25, "std of the truncated normal (mean 1) the mask ratio is drawn from", min=0.0)
+    max_prefix_len: int = opt(24, "text tokens before the image (prompt / question), left-padded", min=2)
+    max_suffix_len: int = opt(24, "text tokens after the image (caption / answer), right-padded", min=2)
+    grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    init_from_qwen2: Optional[str] = opt(None, "local Hugging Face Qwen2 directory to import backbone "
+                                         "weights from (config.json + *.safetensors)")
+    # Filled from the token shards' manifest by the training stage; not set by hand.
+    vocab_size: Optional[int] = opt(None, "text vocabulary size (from the shards' tokenizer)")
+    token_dim: Optional[int] = opt(None, "values per image token (from the shards' tokenizer)")
+    image_grid: Optional[List[int]] = opt(None, "image tokens per side [h, w] (from the shards' tokenizer)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TaskMixConfig:
+    t2i: float = opt(0.5, "share of text->image samples in a batch", min=0.0)
+    i2t: float = opt(0.4, "share of image->text samples (captions, or question->answer when present)",
+                     min=0.0)
+    image_only: float = opt(0.1, "share of image-only samples (unconditional generation)", min=0.0)
+    qa_share: float = opt(0.5, "within image->text, share of question->answer when a sample has one",
+                          min=0.0, max=1.0)
+    p_uncond: float = opt(0.1, "probability of dropping the caption of a text->image sample (for CFG)",
+                          min=0.0, max=1.0)
+    w_img: float = opt(1.0, "weight of the diffusion loss", min=0.0)
+    w_txt: float = opt(1.0, "weight of the text cross-entropy", min=0.0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-3, "peak learning rate", min=0.0)
+    weight_decay: float = opt(0.02, "AdamW weight decay (not applied to norms, biases, embeddings)", min=0.0)
+    beta1: float = opt(0.9, "AdamW beta1", min=0.0, max=1.0)
+    beta2: float = opt(0.95, "AdamW beta2", min=0.0, max=1.0)
+    warmup_steps: int = opt(100, "linear warmup steps", min=0)
+    schedule: str = opt("cosine", "LR schedule after warmup", choices=["cosine", "constant"])
+    min_lr_ratio: float = opt(0.1, "cosine floor as a fraction of lr", min=0.0, max=1.0)
+    grad_clip: float = opt(1.0, "gradient norm clipping (0: off)", min=0.0)
+    backbone_lr_mult: float = opt(1.0, "LR multiplier of the transformer backbone (finetune)", min=0.0)
+    freeze_backbone: bool = opt(False, "train only the image/text heads and embedders")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = opt(2000, "optimizer steps", min=1)
+    batch_size: int = opt(64, "samples per device per step", min=1)
+    precision: str = opt("bf16-mixed", "numeric precision", choices=["32", "bf16-mixed", "16-mixed"])
+    accelerator: str = opt("auto", "Lightning accelerator", choices=["auto", "cpu", "gpu", "cuda"])
+    strategy: str = opt("auto", "Lightning strategy", choices=["auto", "ddp", "fsdp"])
+    devices: int = opt(1, "devices (processes) per node", min=1)
+    num_nodes: int = opt(1, "nodes", min=1)
+    num_workers: int = opt(1, "data loader workers per device", min=0)
+    seed: int = opt(0, "global seed (model init, data order, masks, noise)")
+    ema_decay: float = opt(0.999, "EMA decay of the weights (0: no EMA)", min=0.0, max=1.0)
+    log_every: int = opt(20, "steps between log lines", min=1)
+    ckpt_every: int = opt(500, "steps between checkpoints", min=1)
+    sample_every: int = opt(0, "steps between preview grids/captions written beside the checkpoints "
+                            "(0: only at the end)", min=0)
+    keep_last: int = opt(2, "step checkpoints kept (final/ is always kept)", min=1)
+
+
+@dataclass
+class TrainConfig:
+    data: str = opt("data/shapes/train", "token shard directory (written by `mmar tokenize`)")
+    val_data: Optional[str] = opt("data/shapes/val", "validation shard directory (None: no validation)")
+    out: str = opt("runs/pretrain", "run directory: step-XXXXXXXX/ and final/ are written here")
+    resume: Optional[str] = opt(None, "'auto' (newest complete step in `out`) or a step directory")
+    init: Optional[str] = opt(None, "checkpoint directory whose weights start this run (finetune)")
+    model: ModelConfig = opt(factory=ModelConfig, help="model")
+    tasks: TaskMixConfig = opt(factory=TaskMixConfig, help="task mixture and loss weights")
+    optim: OptimConfig = opt(factory=OptimConfig, help="optimizer and LR schedule")
+    trainer: TrainerConfig = opt(factory=TrainerConfig, help="Lightning trainer")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling and evaluation
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class GenerationConfig:
+    cfg: float = opt(1.0, "classifier-free guidance scale at the last iteration (1: off)", min=0.0)
+    cfg_schedule: str = opt("linear", "how the CFG scale moves over the iterations",
+                            choices=["linear", "constant"])
+    temperature: float = opt(1.0, "diffusion sampling temperature", min=0.0)
+    iterations: int = opt(8, "autoregressive iterations (cosine schedule)", min=1)
+    diffusion_steps: int = opt(25, "diffusion head sampling steps", min=1)
+    sampler: str = opt("ddim", "diffusion sampler", choices=["ddpm", "ddim"])
+    max_new_tokens: int = opt(24, "text tokens to generate at most", min=1)
+    top_k: int = opt(0, "top-k text sampling (0: off; with top_p 1 and temperature 0: greedy)", min=0)
+    top_p: float = opt(1.0, "nucleus text sampling", min=0.0, max=1.0)
+    text_temperature: float = opt(0.0, "text sampling temperature (0: greedy)", min=0.0)
+
+
+@dataclass
+class SampleConfig:
+    ckpt: Optional[str] = opt(None, "checkpoint directory (None: newest final/ under runs/)")
+    out: str = opt("runs/samples", "output directory")
+    num_images: int = opt(4, "images per prompt", min=1)
+    batch_size: int = opt(16, "prompts (rows) per forward pass", min=1)
+    seed: int = opt(0, "sampling seed")
+    ema: bool = opt(True, "use the EMA weights when the checkpoint has them")
+    gen: GenerationConfig = opt(factory=GenerationConfig, help="generation settings")
+
+
+@dataclass
+class EvaluateConfig:
+    ckpt: Optional[str] = opt(None, "checkpoint directory (None: newest final/ under runs/)")
+    data: str = opt("data/shapes/test", "held-out token shard directory")
+    out: str = opt("runs/eval", "where metrics.json, report.md and pictures go")
+    num_samples: int = opt(200, "held-out samples for each metric", min=1)
+    batch_size: int = opt(32, "rows per forward pass", min=1)
+    seed: int = opt(0, "sampling seed")
+    ema: bool = opt(True, "use the EMA weights when the checkpoint has them")
+    fid: bool = opt(True, "compute FID")
+    fid_weights: Optional[str] = opt(None, "clean-fid Inception weights file; None: clean-fid's own "
+                                     "location, else an in-project feature extractor (not comparable)")
+    thresholds: Optional[str] = opt(None, "YAML of minimum metrics; any metric below fails the run")
+    gen: GenerationConfig = opt(factory=GenerationConfig, help="generation settings")
+
+
+STAGES = {
+    "tokenize": TokenizeConfig,
+    "pretrain": TrainConfig,
+    "finetune": TrainConfig,
+    "sample": SampleConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------
+def _friendly(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    return f"config key '{key}': {msg}" if key else f"config: {msg}"
+
+
+def load_config(schema: type, path: Optional[str | Path] = None, overrides: Optional[List[str]] = None,
+                defaults: Optional[dict] = None) -> DictConfig:
+    """schema defaults <- `defaults` (stage-specific) <- YAML at `path` <- `overrides` (key=value)."""
+    cfg = OmegaConf.structured(schema)
+    try:
+        if defaults:
+            cfg = OmegaConf.merge(cfg, defaults)
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise UserError(f"config file not found: {p}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+        for item in overrides or []:
+            if "=" not in item:
+                raise UserError(f"override '{item}' is not key=value (e.g. trainer.max_steps=100)")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as e:
+        raise UserError(_friendly(e)) from None
+    validate(cfg, schema)
+    return cfg
+
+
+def validate(cfg: DictConfig, schema: type, prefix: str = "") -> None:
+    """Check `choices`, `min` and `max` of every field, recursively."""
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        value = cfg[f.name]
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or isinstance(value, DictConfig):
+            sub = _field_class(schema, f.name)
+            if sub is not None:
+                validate(value, sub, key + ".")
+            continue
+        meta = f.metadata
+        if value is None:
+            continue
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            allowed = ", ".join(repr(c) for c in meta["choices"])
+            raise UserError(f"config key '{key}': {value!r} is not allowed; choose one of {allowed}")
+        if meta.get("min") is not None and value < meta["min"]:
+            raise UserError(f"config key '{key}': {value!r} is below the minimum {meta['min']}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise UserError(f"config key '{key}': {value!r} is above the maximum {meta['max']}")
+
+
+def _field_class(schema: type, name: str) -> Optional[type]:
+    for f in dataclasses.fields(schema):
+        if f.name == name and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            made = f.default_factory()  # type: ignore[misc]
+            if dataclasses.is_dataclass(made):
+                return type(made)
+    return None
+
+
+def describe_fields(schema: type, prefix: str = "") -> List[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field: used by --help and `mmar config show`."""
+    rows = []
+    for f in dataclasses.fields(schema):
+        sub = _field_class(schema, f.name)
+        if sub is not None:
+            rows += describe_fields(sub, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += f" [{' | '.join(str(c) for c in f.metadata['choices'])}]"
+        rows.append((f"{prefix}{f.name}", repr(default), help_text))
+    return rows
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
