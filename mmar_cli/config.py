@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from mmar_cli.errors import UserError
 
@@ -249,9 +249,16 @@ STAGES = {
 # --------------------------------------------------------------------------------------------------
 # Loading and validation
 # --------------------------------------------------------------------------------------------------
-def _friendly(err: OmegaConfBaseException) -> str:
+def _friendly(err: OmegaConfBaseException, cfg: DictConfig) -> str:
     key = getattr(err, "full_key", None) or ""
     msg = str(err).splitlines()[0]
+    if isinstance(err, ConfigKeyError) and key:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig):
+            allowed = ", ".join(str(k) for k in node.keys())
+            where = f"under '{parent}'" if parent else "at the top level"
+            return f"unknown config key '{key}'; keys allowed {where}: {allowed}"
     return f"config key '{key}': {msg}" if key else f"config: {msg}"
 
 
@@ -272,7 +279,7 @@ def load_config(schema: type, path: Optional[str | Path] = None, overrides: Opti
                 raise UserError(f"override '{item}' is not key=value (e.g. trainer.max_steps=100)")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
     except OmegaConfBaseException as e:
-        raise UserError(_friendly(e)) from None
+        raise UserError(_friendly(e, OmegaConf.structured(schema))) from None
     validate(cfg, schema)
     return cfg
 
