@@ -1,0 +1,90 @@
+import functools
+
+import numpy as np
+import pytest
+
+from mmar_cli.data import checker, shapes
+
+# Held-out true renders: the test split with a seed no other test uses.
+SEED = 2024
+N = 2000
+
+
+@functools.lru_cache(maxsize=None)
+def _renders(image_size, max_shapes):
+    samples = list(shapes.iterate("test", N, seed=SEED, image_size=image_size, max_shapes=max_shapes))
+    return [s["image"] for s in samples], [s["attributes"] for s in samples]
+
+
+def _report(name, acc):
+    print(f"\nchecker {name}: " + " ".join(f"{k}={v:.4f}" for k, v in acc.items()))
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_accuracy_on_true_renders_one_shape(image_size):
+    images, expected = _renders(image_size, 1)
+    acc = checker.accuracy(images, expected)
+    _report(f"{image_size}px one shape", acc)
+    assert acc["all"] >= 0.99
+    assert min(acc.values()) >= 0.99
+
+
+def test_accuracy_on_true_renders_two_shapes():
+    images, expected = _renders(32, 2)
+    assert sum(len(e) == 2 for e in expected) > N // 3
+    acc = checker.accuracy(images, expected)
+    _report("32px up to two shapes", acc)
+    assert acc["all"] >= 0.99
+
+
+def test_accuracy_under_mild_noise():
+    images, expected = _renders(32, 2)
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(im + rng.normal(0, 8, im.shape), 0, 255).astype(np.uint8) for im in images]
+    acc = checker.accuracy(noisy, expected)
+    _report("32px up to two shapes, noise std 8/255", acc)
+    assert acc["all"] >= 0.99
+
+
+def test_read_returns_attributes_of_a_known_render():
+    attrs = [{"shape": "triangle", "colour": "cyan", "size": "large", "position": "bottom left"},
+             {"shape": "cross", "colour": "yellow", "size": "small", "position": "top right"}]
+    image = shapes.render(attrs, "white", 64, [(3, -4), (-4, 4)])
+    assert checker.read(image, max_shapes=2) == attrs  # largest first
+    assert checker.read(image, max_shapes=1) == attrs[:1]
+
+
+def test_score_is_order_independent_and_per_attribute():
+    attrs = [{"shape": "circle", "colour": "red", "size": "large", "position": "top left"},
+             {"shape": "square", "colour": "blue", "size": "small", "position": "bottom right"}]
+    image = shapes.render(attrs, "black", 32)
+    assert checker.score(image, attrs[::-1]) == {"shape": True, "colour": True, "size": True,
+                                                 "position": True, "all": True}
+    wrong_colour = [dict(attrs[0], colour="green"), attrs[1]]
+    assert checker.score(image, wrong_colour) == {"shape": True, "colour": False, "size": True,
+                                                  "position": True, "all": False}
+    # Only one shape drawn where two are expected: the missing one is wrong on everything.
+    single = shapes.render(attrs[:1], "black", 32)
+    assert checker.score(single, attrs)["all"] is False
+
+
+@pytest.mark.parametrize("image", [
+    np.zeros((32, 32, 3), np.uint8),
+    np.full((32, 32, 3), 200, np.uint8),
+    np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8),
+    np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8),
+], ids=["black", "flat gray", "noise 32", "noise 64"])
+def test_images_without_a_shape_get_a_best_guess(image):
+    for max_shapes in (1, 2):
+        found = checker.read(image, max_shapes=max_shapes)
+        assert 1 <= len(found) <= max_shapes
+        for attr in found:
+            assert attr["shape"] in shapes.SHAPES and attr["colour"] in shapes.COLOURS
+            assert attr["size"] in shapes.SIZES and attr["position"] in shapes.POSITIONS
+    expected = [{"shape": "circle", "colour": "red", "size": "large", "position": "center"}]
+    assert set(checker.score(image, expected)) == {"shape", "colour", "size", "position", "all"}
+
+
+def test_read_rejects_non_images():
+    with pytest.raises(ValueError, match="uint8"):
+        checker.read(np.zeros((32, 32, 3), np.float32))
