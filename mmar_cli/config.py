@@ -111,7 +111,7 @@ class ModelConfig:
     mlp_hidden: Optional[int] = opt(None, "SwiGLU hidden size (None: from preset)")
     qkv_bias: Optional[bool] = opt(None, "bias on q/k/v projections as in Qwen2 (None: from preset)")
     tie_embeddings: Optional[bool] = opt(None, "share the text embedding with the LM head (None: preset)")
-    rope_theta: float = opt(10000.0, "RoPE base", min=1.0)
+    rope_theta: Optional[float] = opt(None, "RoPE base (None: from preset; Qwen2 uses 1e6)", min=1.0)
     norm_eps: float = opt(1e-6, "RMSNorm epsilon", min=0.0)
     image_embedder_depth: int = opt(0, "ViT blocks in the image embedder (0: a linear layer)", min=0)
     diffusion: DiffusionHeadConfig = opt(factory=DiffusionHeadConfig, help="diffusion head")
