@@ -1,0 +1,248 @@
+"""Continuous image tokenizers: uint8 images <-> float tokens [B, N, D], N = grid h * w.
+
+    patch   p x p x 3 pixel values in [-1, 1]; lossless (uint8 -> tokens -> uint8 is exact, float16 too)
+    pca     the same patches projected on their top `pca_dim` principal components (fitted on training
+            images), whitened to unit variance: lossy, but far fewer values per token for the diffusion head
+    vae     a diffusers AutoencoderKL read from a local directory; latents (posterior mean) scaled to unit
+            std, p x p latent positions grouped into one token
+
+Tokens run over the grid row by row; inside a token the values are ordered (row, column, channel).
+`spec()` holds every number needed to rebuild a tokenizer, plus the sha256 of its state, so two shard
+directories made with different tokenizers never look alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mmar_cli.errors import UserError
+
+IMAGE_TOKENIZER_FILE = "image_tokenizer.safetensors"
+
+
+def to_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C]."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def from_patches(t: torch.Tensor, grid: tuple[int, int], p: int) -> torch.Tensor:
+    """[B, h*w, p*p*C] -> [B, h*p, w*p, C]."""
+    (gh, gw), b = grid, t.shape[0]
+    c = t.shape[-1] // (p * p)
+    t = t.reshape(b, gh, gw, p, p, c).permute(0, 1, 3, 2, 4, 5)
+    return t.reshape(b, gh * p, gw * p, c)
+
+
+def _as_unit_range(images) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (numpy or tensor) -> float32 in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [B, H, W, 3], got {tuple(x.shape)} {x.dtype}")
+    return x.float() / 127.5 - 1.0
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] -> uint8, rounding to the nearest level (so patch tokens decode exactly)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+class PatchTokenizer:
+    kind = "patch"
+
+    def __init__(self, image_size: int, patch_size: int):
+        if image_size % patch_size:
+            raise UserError(f"image_tokenizer.patch_size={patch_size} does not divide image_size={image_size}")
+        self.image_size, self.patch_size = image_size, patch_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_size * self.patch_size * 3
+
+    def _check_size(self, images) -> None:
+        if tuple(images.shape[1:3]) != (self.image_size, self.image_size):
+            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {tuple(images.shape)}")
+
+    def encode(self, images) -> torch.Tensor:
+        """uint8 [B, H, W, 3] (numpy or tensor) -> float32 [B, N, D]."""
+        self._check_size(images)
+        return to_patches(_as_unit_range(images), self.patch_size)
+
+    def decode(self, tokens) -> np.ndarray:
+        """[B, N, D] -> uint8 numpy [B, H, W, 3]."""
+        return _to_uint8(from_patches(torch.as_tensor(tokens).float(), self.grid, self.patch_size))
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "image_size": self.image_size, "patch_size": self.patch_size,
+                "grid": list(self.grid), "token_dim": self.token_dim}
+
+    def save(self, directory: str | Path) -> None:
+        """Stateless: nothing to write."""
+
+
+class PCATokenizer(PatchTokenizer):
+    """Whitened principal components of pixel patches: token = ((patch - mean) @ basis) / std."""
+
+    kind = "pca"
+
+    def __init__(self, image_size: int, patch_size: int, mean: torch.Tensor, basis: torch.Tensor,
+                 std: torch.Tensor):
+        super().__init__(image_size, patch_size)
+        self.mean, self.basis, self.std = mean.float(), basis.float(), std.float()
+
+    @classmethod
+    def fit(cls, images: np.ndarray, image_size: int, patch_size: int, dim: int) -> "PCATokenizer":
+        full = patch_size * patch_size * 3
+        if dim > full:
+            raise UserError(f"image_tokenizer.pca_dim={dim} exceeds the {full} values of a {patch_size}x"
+                            f"{patch_size} patch")
+        x = to_patches(_as_unit_range(images), patch_size).reshape(-1, full).double()
+        mean = x.mean(0)
+        xc = x - mean
+        eigval, eigvec = torch.linalg.eigh(xc.T @ xc / len(x))  # ascending order
+        eigval, eigvec = eigval.flip(0)[:dim], eigvec.flip(1)[:, :dim]
+        # A direction the training patches never vary along would be divided by ~0; floor its std.
+        std = eigval.clamp(min=0).sqrt().clamp(min=1e-3 * float(eigval[0].clamp(min=1e-12).sqrt()))
+        return cls(image_size, patch_size, mean, eigvec, std)
+
+    @property
+    def token_dim(self) -> int:
+        return self.basis.shape[1]
+
+    def encode(self, images) -> torch.Tensor:
+        self._check_size(images)
+        x = to_patches(_as_unit_range(images), self.patch_size)
+        return (x - self.mean) @ self.basis / self.std
+
+    def decode(self, tokens) -> np.ndarray:
+        x = (torch.as_tensor(tokens).float() * self.std) @ self.basis.T + self.mean
+        return _to_uint8(from_patches(x, self.grid, self.patch_size))
+
+    def _state_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        return save({"mean": self.mean.contiguous(), "basis": self.basis.contiguous(),
+                     "std": self.std.contiguous()})
+
+    def spec(self) -> dict:
+        return {**super().spec(), "pca_dim": self.token_dim, "file": IMAGE_TOKENIZER_FILE,
+                "sha256": hashlib.sha256(self._state_bytes()).hexdigest()}
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, IMAGE_TOKENIZER_FILE).write_bytes(self._state_bytes())
+
+
+class VAETokenizer:
+    """A diffusers AutoencoderKL from a local directory (never a hub id)."""
+
+    kind = "vae"
+
+    def __init__(self, vae_path: str, image_size: int, patch_size: int, scale: float = 1.0):
+        path = Path(vae_path)
+        if not (path / "config.json").is_file():
+            raise UserError(f"image_tokenizer.vae_path: {path} is not a local AutoencoderKL directory "
+                            "(config.json + weights); nothing is downloaded")
+        from diffusers import AutoencoderKL
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True).eval().to(self.device)
+        self.vae_path, self.image_size, self.patch_size, self.scale = str(path), image_size, patch_size, scale
+        self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_channels = self.vae.config.latent_channels
+        if image_size % (self.downsample * patch_size):
+            raise UserError(f"image_size={image_size} is not a multiple of the VAE's downsampling "
+                            f"{self.downsample} x image_tokenizer.patch_size={patch_size}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // (self.downsample * self.patch_size)
+        return side, side
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.latent_channels
+
+    @torch.no_grad()
+    def latents(self, images) -> torch.Tensor:
+        """Unscaled posterior means [B, h, w, C] (channels last, ready for `to_patches`)."""
+        x = _as_unit_range(images).permute(0, 3, 1, 2).to(self.device)
+        return self.vae.encode(x).latent_dist.mean.permute(0, 2, 3, 1).float().cpu()
+
+    def encode(self, images) -> torch.Tensor:
+        return to_patches(self.latents(images) * self.scale, self.patch_size)
+
+    @torch.no_grad()
+    def decode(self, tokens) -> np.ndarray:
+        z = from_patches(torch.as_tensor(tokens).float(), self.grid, self.patch_size) / self.scale
+        x = self.vae.decode(z.permute(0, 3, 1, 2).to(self.device)).sample
+        return _to_uint8(x.permute(0, 2, 3, 1))
+
+    def weights_sha256(self) -> str:
+        digest = hashlib.sha256()
+        for f in sorted(Path(self.vae_path).iterdir()):
+            if f.is_file():
+                digest.update(f.name.encode() + f.read_bytes())
+        return digest.hexdigest()
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "image_size": self.image_size, "patch_size": self.patch_size,
+                "grid": list(self.grid), "token_dim": self.token_dim, "vae_path": self.vae_path,
+                "vae_scale": self.scale, "latent_channels": self.latent_channels,
+                "downsample": self.downsample, "sha256": self.weights_sha256()}
+
+    def save(self, directory: str | Path) -> None:
+        """The VAE stays where it is; the spec records its path, scale and weights hash."""
+
+
+ImageTokenizer = PatchTokenizer | PCATokenizer | VAETokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Building and loading
+# --------------------------------------------------------------------------------------------------
+def build_image_tokenizer(cfg, image_size: int, fit_images: Optional[np.ndarray] = None) -> ImageTokenizer:
+    """From an `ImageTokenizerConfig`. `fit_images` (uint8 [M, H, W, 3], training images) fit the PCA
+    basis and measure the VAE scale when `vae_scale` is None."""
+    if cfg.kind == "patch":
+        return PatchTokenizer(image_size, cfg.patch_size)
+    if cfg.kind == "pca":
+        return PCATokenizer.fit(fit_images, image_size, cfg.patch_size, cfg.pca_dim)
+    if cfg.vae_path is None:
+        raise UserError("image_tokenizer.kind=vae needs image_tokenizer.vae_path (a local AutoencoderKL directory)")
+    tok = VAETokenizer(cfg.vae_path, image_size, cfg.patch_size)
+    if cfg.vae_scale is not None:
+        tok.scale = float(cfg.vae_scale)
+    else:
+        latents = torch.cat([tok.latents(fit_images[i:i + 64]) for i in range(0, len(fit_images), 64)])
+        tok.scale = float(1.0 / latents.std().clamp(min=1e-6))
+    return tok
+
+
+def load_image_tokenizer(directory: str | Path, spec: dict) -> ImageTokenizer:
+    """Rebuild the tokenizer a manifest's `spec` describes (the PCA state is read from `directory`)."""
+    kind = spec["kind"]
+    if kind == "patch":
+        return PatchTokenizer(spec["image_size"], spec["patch_size"])
+    if kind == "vae":
+        return VAETokenizer(spec["vae_path"], spec["image_size"], spec["patch_size"], spec["vae_scale"])
+    from safetensors.torch import load_file
+
+    path = Path(directory, spec["file"])
+    if not path.is_file():
+        raise UserError(f"{directory}: missing {spec['file']} (the PCA image tokenizer of these shards)")
+    state = load_file(str(path))
+    tok = PCATokenizer(spec["image_size"], spec["patch_size"], state["mean"], state["basis"], state["std"])
+    if tok.spec()["sha256"] != spec["sha256"]:
+        raise UserError(f"{path} does not match the manifest's image tokenizer (sha256 differs)")
+    return tok
