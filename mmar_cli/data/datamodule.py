@@ -1,0 +1,181 @@
+"""The training data pipeline: token shards -> task mixture -> fixed-frame batches.
+
+    shard list, shuffled by (seed, epoch)
+      -> split by rank, then by data-loader worker (resampled at random when there are fewer shards than
+         ranks x workers, so every worker has data)
+      -> samples (corrupt tars and samples are skipped and counted) -> decode
+      -> a task for each sample (text->image, caption, question->answer, unconditional), drawn from
+         TaskMixConfig; samples whose text does not fit the layout are skipped and counted
+      -> a shuffle buffer -> batches collated by `sequence.build_batch`
+
+The stream is infinite (epoch after epoch) and a pure function of (seed, rank, worker), so a resumed run
+replays it and drops the batches it already trained on: the data order is exactly resumable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import warnings
+from typing import Iterator, List, Optional
+
+import lightning as L
+import torch
+import webdataset as wds
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, Layout, build_batch
+from mmar_cli.errors import UserError
+
+SHUFFLE_BUFFER = 256  # samples; the shard order is shuffled too
+
+
+# --------------------------------------------------------------------------------------------------
+# Task mixture
+# --------------------------------------------------------------------------------------------------
+def assign_task(rng: random.Random, sample: dict, mix) -> tuple[int, str, Optional[str]]:
+    """(task, prefix text, suffix text) for one sample, drawn from the mixture `mix` (TaskMixConfig)."""
+    caption = sample.get("caption") or ""
+    total = mix.t2i + mix.i2t + mix.image_only
+    r = rng.random() * total
+    if r < mix.t2i:
+        if rng.random() < mix.p_uncond:
+            return UNCOND, "", None
+        return T2I, caption, None
+    if r < mix.t2i + mix.i2t:
+        if sample.get("question") and sample.get("answer") and rng.random() < mix.qa_share:
+            return QA, sample["question"], sample["answer"]
+        return CAPTION, "", caption
+    return UNCOND, "", None
+
+
+def fits(tok, layout: Layout, task: int, text: str, answer: Optional[str]) -> bool:
+    """The prefix (BOS text GEN/ANS) and the suffix (text EOS) fit the model's fixed frame."""
+    if task in (T2I, QA) and len(tok.encode(text)) + 2 > layout.prefix_len:
+        return False
+    if task in (CAPTION, QA) and len(tok.encode(answer or "")) + 1 > layout.suffix_len:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Shard selection
+# --------------------------------------------------------------------------------------------------
+def shards_for(shards: List[str], seed: int, epoch: int, rank: int, world: int, worker: int,
+               num_workers: int) -> List[str]:
+    """The shards one worker of one rank reads in one epoch."""
+    order = list(shards)
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    if len(order) >= world * num_workers:
+        return order[rank::world][worker::num_workers]
+    # Too few shards to split: every worker draws its own (so ranks read different sample orders).
+    rng = random.Random(f"{seed}-{epoch}-{rank}-{worker}")
+    return [rng.choice(order)]
+
+
+def batches_before(step: int, worker: int, num_workers: int) -> int:
+    """Batches one worker produced before global batch `step`: a DataLoader takes batch k from worker
+    k mod num_workers."""
+    return len(range(worker, step, num_workers))
+
+
+# --------------------------------------------------------------------------------------------------
+# The stream
+# --------------------------------------------------------------------------------------------------
+class TokenBatches(IterableDataset):
+    """Infinite stream of collated batches for one rank. `start_batch`: batches this rank already trained
+    on (skipped on resume). Each batch also carries the sample `keys` and the counters `skipped_long` and
+    `corrupt` (samples dropped since the previous batch)."""
+
+    def __init__(self, shards: List[str], tok, layout: Layout, mix, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1, start_batch: int = 0, decode=None):
+        self.shards = list(shards)
+        # a plain dataclass: DictConfig attribute access is too slow for once per sample
+        self.tok, self.layout = tok, layout
+        self.mix = OmegaConf.to_object(mix) if isinstance(mix, DictConfig) else mix
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world, self.start_batch = rank, world, start_batch
+        if decode is None:
+            from mmar_cli.data.shards import decode_sample as decode
+        self.decode = decode
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        skip = batches_before(self.start_batch, worker, num_workers)
+        counts = {"skipped_long": 0, "corrupt": 0}
+        for samples in self._sample_batches(worker, num_workers, counts):
+            if skip:  # already trained on (and counted) before the resume
+                skip -= 1
+                counts.update(skipped_long=0, corrupt=0)
+                continue
+            batch = self.collate(samples)
+            batch.update({k: torch.tensor(v) for k, v in counts.items()})
+            counts.update(skipped_long=0, corrupt=0)
+            yield batch
+
+    def _sample_batches(self, worker: int, num_workers: int, counts: dict) -> Iterator[list]:
+        def on_error(exn: Exception) -> bool:
+            counts["corrupt"] += 1
+            warnings.warn(f"skipping unreadable shard data: {exn!r}")
+            return True
+
+        rng = random.Random(f"{self.seed}-mix-{self.rank}-{worker}")
+        buffer: list = []
+        for epoch in itertools.count():
+            urls = shards_for(self.shards, self.seed, epoch, self.rank, self.world, worker, num_workers)
+            usable = 0
+            for raw in wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=on_error):
+                try:
+                    sample = self.decode(raw)
+                    tokens = sample["tokens"]
+                    if tokens is None or tokens.ndim != 2 or tokens.shape[0] != self.layout.num_image_tokens:
+                        raise ValueError(f"sample {sample['key']}: image tokens "
+                                         f"{None if tokens is None else tokens.shape}, expected "
+                                         f"{self.layout.num_image_tokens} rows")
+                except Exception as exn:  # a corrupt sample: any decoding error
+                    on_error(exn)
+                    continue
+                task, text, answer = assign_task(rng, sample, self.mix)
+                if not fits(self.tok, self.layout, task, text, answer):
+                    counts["skipped_long"] += 1
+                    continue
+                sample.update(task=task, text=text, answer=answer)
+                buffer.append(sample)
+                usable += 1
+                if len(buffer) >= SHUFFLE_BUFFER:
+                    yield from self._drain(rng, buffer, SHUFFLE_BUFFER // 2)
+            yield from self._drain(rng, buffer, 0)  # an epoch ends in its own batches (the rest carries over)
+            if not usable:
+                raise UserError(f"no usable sample in shards {', '.join(urls)} ({counts['corrupt']} corrupt, "
+                                f"{counts['skipped_long']} too long for the layout)")
+
+    def _drain(self, rng: random.Random, buffer: list, keep: int) -> Iterator[list]:
+        rng.shuffle(buffer)
+        while len(buffer) - keep >= self.batch_size:
+            yield [buffer.pop() for _ in range(self.batch_size)]
+
+    def collate(self, samples: list) -> dict:
+        tokens = torch.stack([torch.as_tensor(s["tokens"]).float() for s in samples])
+        batch = build_batch(self.tok, self.layout, [s["task"] for s in samples], [s["text"] for s in samples],
+                            [s["answer"] for s in samples], tokens)
+        batch["keys"] = [s["key"] for s in samples]
+        return batch
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Training batches from `shards` for this rank; `start_batch` is the resume position."""
+
+    def __init__(self, shards: List[str], tok, layout: Layout, cfg, start_batch: int = 0):
+        super().__init__()
+        self.shards, self.tok, self.layout, self.cfg = shards, tok, layout, cfg
+        self.start_batch = start_batch
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.cfg.trainer
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        data = TokenBatches(self.shards, self.tok, self.layout, self.cfg.tasks, t.batch_size, t.seed,
+                            rank=rank, world=world, start_batch=self.start_batch)
+        return DataLoader(data, batch_size=None, num_workers=t.num_workers,
+                          persistent_workers=False, prefetch_factor=2 if t.num_workers else None)
