@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console,
@@ -135,9 +136,9 @@ def _fit_images(records: list, image_size: int) -> np.ndarray:
 
 
 def _run_chunks(jobs: List[dict], workers: int, total: int, label: str) -> List[dict]:
-    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(label, total=total)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(escape(label), total=total)
         if workers == 1:
             return [tokenize_chunk(job, progress=lambda n: bar.advance(task, n)) for job in jobs]
         # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.

@@ -80,10 +80,12 @@ def write_shard(path: str | Path, samples: Iterable[dict]) -> dict:
     try:
         with open(tmp, "wb") as f:
             writer = wds.TarWriter(f, encoder=False, mtime=0.0)
-            for sample in samples:
-                writer.write(sample)
-                count += 1
-            writer.close()
+            try:
+                for sample in samples:
+                    writer.write(sample)
+                    count += 1
+            finally:
+                writer.close()
         sha = file_sha256(tmp)
         os.replace(tmp, path)
     except BaseException:
