@@ -1,0 +1,262 @@
+"""What `mmar pretrain` and `mmar finetune` share: the CLI options and `run()`, one training run.
+
+run(): read the shards' manifest and tokenizers -> fill the model's sizes from them -> pick up `init`
+(finetune), `--resume` or a fresh start -> train with a plain Lightning Trainer whose callbacks write our
+checkpoint layout (`mmar_cli.engine.checkpoint`) and the preview grids/captions.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+import lightning as L
+import numpy as np
+import torch
+import typer
+import webdataset as wds
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import OmegaConf
+from PIL import Image
+
+from mmar_cli.cli_common import CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console
+from mmar_cli.config import to_yaml
+from mmar_cli.data import shards as shard_io
+from mmar_cli.data.datamodule import ShardDataModule, fits
+from mmar_cli.data.sequence import CAPTION, T2I, build_batch, encode_prefix
+from mmar_cli.engine import checkpoint as ckpt
+from mmar_cli.engine.module import MODEL_KEYS, NonFiniteLoss, TrainModule
+from mmar_cli.errors import UserError
+
+# Model keys a finetune may change; every other model key (the architecture) comes from `init`.
+TRAINING_MODEL_KEYS = ("mask_min", "mask_std", "grad_checkpointing")
+PREVIEW_ROWS = 4
+
+# The options both commands take (Typer option markers can be shared between commands).
+OVERRIDES = typer.Argument(None, help=OVERRIDES_HELP)
+CONFIG = typer.Option(None, "--config", "-c", help=CONFIG_HELP)
+DATA = typer.Option(None, "--data", help="token shard directory (config key data)")
+OUT = typer.Option(None, "--out", help="run directory for step-XXXXXXXX/ and final/ (config key out)")
+RESUME = typer.Option(None, "--resume", help="'auto' (newest complete checkpoint in --out, or a fresh start) "
+                      "or a checkpoint directory (config key resume)")
+MAX_STEPS = typer.Option(None, "--max-steps", help="optimizer steps (config key trainer.max_steps)")
+OVERWRITE = typer.Option(False, "--overwrite", help="reuse an --out directory that holds another run "
+                         "(its checkpoints are deleted)")
+
+
+def cli_run(schema, stage: str, defaults: dict, config: Optional[Path], overrides: Optional[List[str]],
+            overwrite: bool, **shortcuts) -> Path:
+    """Build the config from the command line (shortcut options as overrides) and run."""
+    names = {"max_steps": "trainer.max_steps"}
+    cfg = build_config(schema, config, overrides, defaults=defaults,
+                       **{names.get(k, k): v for k, v in shortcuts.items()})
+    return run(cfg, stage, overwrite=overwrite)
+
+
+def _compatible(a: dict, b: dict, what: str) -> None:
+    try:
+        shard_io.check_compatible(a, b)
+    except UserError as e:
+        raise UserError(f"{what}: {e}") from None
+
+
+def model_config(cfg, tok, image_tok, init_cfg=None):
+    """The model's config: sizes from the shards' tokenizers; architecture from `init_cfg` if given."""
+    from mmar_cli.model.presets import resolve
+
+    model = cfg.model
+    if init_cfg is not None:
+        model = OmegaConf.merge(init_cfg.model, {k: cfg.model[k] for k in TRAINING_MODEL_KEYS})
+        model.init_from_qwen2 = None
+    data_sizes = {"vocab_size": tok.vocab_size, "token_dim": image_tok.token_dim,
+                  "image_grid": list(image_tok.grid)}
+    for key, value in data_sizes.items():
+        if model[key] is not None and (list(model[key]) if key == "image_grid" else model[key]) != value:
+            raise UserError(f"config key 'model.{key}': {model[key]} but the shards' tokenizer gives {value} "
+                            "(leave it unset: it is read from the shards)")
+        model[key] = value
+    return resolve(model)
+
+
+def _prepare_out(out: Path, resume: Optional[str], overwrite: bool) -> Optional[Path]:
+    """The checkpoint to resume from (or None), after refusing to mix two runs in one directory."""
+    if resume:
+        found = ckpt.find_resume(out, resume)
+        if found is not None:
+            return found
+    if ckpt.run_in_use(out) and not resume:
+        if not overwrite:
+            raise UserError(f"{out} already holds a run (config.yaml or checkpoints); pass --resume auto to "
+                            "continue it, --overwrite to replace it, or another --out")
+        for p in out.iterdir():
+            if p.name in ("config.yaml", "command.txt", "final", "logs", "samples") or ckpt.STEP_RE.match(p.name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return None
+
+
+def run(cfg, stage: str, overwrite: bool = False) -> Path:
+    """Train as `cfg` (a validated TrainConfig) says; returns the final checkpoint directory."""
+    manifest = shard_io.read_manifest(cfg.data)
+    shards = shard_io.shard_paths(cfg.data)
+    if not shards:
+        raise UserError(f"{cfg.data}: the manifest lists no shards")
+    val_dir = cfg.val_data
+    if val_dir is not None:
+        _compatible(manifest, shard_io.read_manifest(val_dir), f"data {cfg.data} vs val_data {val_dir}")
+    tok, image_tok = shard_io.load_tokenizers(cfg.data)
+
+    init_cfg = None
+    if cfg.init is not None:
+        if not ckpt.is_complete(cfg.init):
+            raise UserError(f"init: {cfg.init} is not a complete checkpoint directory (run `mmar pretrain` "
+                            "first, or pass --init)")
+        _compatible(ckpt.load_manifest(cfg.init), manifest, f"init checkpoint {cfg.init} vs data {cfg.data}")
+        init_cfg = OmegaConf.load(Path(cfg.init, "config.yaml"))
+    elif stage == "finetune":
+        raise UserError("finetune needs init: a pretrain checkpoint directory (--init runs/pretrain/final)")
+    cfg.model = model_config(cfg, tok, image_tok, init_cfg)
+
+    out = Path(cfg.out)
+    resume_from = _prepare_out(out, cfg.resume, overwrite)
+    state = ckpt.load_trainer_state(resume_from) if resume_from else None
+    if resume_from:
+        _compatible(ckpt.load_manifest(resume_from), manifest, f"resume checkpoint {resume_from} vs data {cfg.data}")
+        console.print(f"resuming from {resume_from} (step {state['step']})")
+        if state["step"] >= cfg.trainer.max_steps:
+            console.print(f"{resume_from} is already at step {state['step']} >= trainer.max_steps; nothing to do")
+            return resume_from
+        if state["data"]["batch_size"] != cfg.trainer.batch_size or \
+                state["data"]["world_size"] != cfg.trainer.devices * cfg.trainer.num_nodes:
+            console.print("[yellow]warning:[/yellow] batch size or world size changed since the checkpoint; "
+                          "the data order will not continue exactly")
+
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    model = build_model(cfg, init=None if resume_from else cfg.init)
+    start = state["step"] if state else 0
+    keys_log = str(out / "keys") if cfg.trainer.log_keys else None
+    module = TrainModule(cfg, model, start_step=start, resume_state=state, keys_log=keys_log)
+    if resume_from:
+        model.load_state_dict(ckpt.load_weights(resume_from))
+        if module.ema is not None and Path(resume_from, "ema.safetensors").is_file():
+            module.ema.load_state_dict(ckpt.load_weights(resume_from, ema=True))
+        ckpt.set_rng_state(state["rng"])
+
+    out.mkdir(parents=True, exist_ok=True)
+    config_yaml = to_yaml(cfg)
+    (out / "config.yaml").write_text(config_yaml)
+    data = ShardDataModule(shards, tok, model.layout, cfg, start_batch=start)
+    callbacks = [
+        RichProgressBar(),
+        ckpt.CheckpointWriter(out, cfg, config_yaml, cfg.data, command_line()),
+        Previews(out, cfg, tok, image_tok, shard_io.shard_paths(val_dir) if val_dir else shards),
+    ]
+    trainer = L.Trainer(
+        max_steps=cfg.trainer.max_steps - start,
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+        strategy="ddp_find_unused_parameters_true" if cfg.trainer.strategy == "ddp" else cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")],
+        log_every_n_steps=cfg.trainer.log_every,
+        callbacks=callbacks, enable_checkpointing=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+    )
+    try:
+        trainer.fit(module, datamodule=data)
+    except NonFiniteLoss as e:
+        last = ckpt.find_resume(out, "auto")
+        raise UserError(f"{e}; training stopped. Last good checkpoint: {last or 'none'}. Try a lower "
+                        "optim.lr, a stronger optim.grad_clip or trainer.precision=32") from None
+    if trainer.is_global_zero:
+        counts = module.counts
+        console.print(f"done: {out / 'final'} (step {module.step}); samples skipped: {counts['skipped_long']} "
+                      f"with text longer than the layout, {counts['corrupt']} corrupt")
+    return out / "final"
+
+
+def build_model(cfg, init: Optional[str] = None):
+    """MMAR from the resolved config, with Qwen2 backbone weights or an `init` checkpoint's weights."""
+    from mmar_cli.model.mmar import MMAR
+
+    model = MMAR(cfg.model)
+    model.w_img, model.w_txt = cfg.tasks.w_img, cfg.tasks.w_txt
+    if init is not None:
+        model.load_state_dict(ckpt.load_weights(init))
+    elif cfg.model.init_from_qwen2:
+        from mmar_cli.model.qwen2_adapter import load_qwen2_into
+
+        load_qwen2_into(model.backbone, cfg.model.init_from_qwen2)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Previews: a grid of generated images, a few captions and a validation loss
+# --------------------------------------------------------------------------------------------------
+class Previews(L.Callback):
+    """Every `trainer.sample_every` steps and at the end, rank 0 writes `{out}/samples/step-XXXXXXXX.png`
+    (images generated from the captions of a few held-out samples) and `.txt` (those captions, and the
+    captions the model writes for the held-out images), and logs the loss on those samples."""
+
+    def __init__(self, out: Path, cfg, tok, image_tok, shards: List[str]):
+        from mmar_cli.config import GenerationConfig
+
+        self.dir = out / "samples"
+        self.cfg, self.tok, self.image_tok = cfg, tok, image_tok
+        self.shards = shards
+        self.gen = OmegaConf.structured(GenerationConfig(iterations=4, diffusion_steps=10, max_new_tokens=16))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        every = self.cfg.trainer.sample_every
+        if every and module.step % every == 0 and module.step < self.cfg.trainer.max_steps:
+            val_loss = self.write(trainer, module, ckpt.step_name(module.step))
+            if val_loss is not None:
+                module.log("val/loss", val_loss)
+
+    def on_train_end(self, trainer, module):
+        self.write(trainer, module, "final")
+
+    def _samples(self, layout) -> list:
+        decoded = []
+        for raw in wds.tariterators.tarfile_samples([{"url": self.shards[0]}], handler=wds.warn_and_continue):
+            s = shard_io.decode_sample(raw)
+            if fits(self.tok, layout, T2I, s["caption"], None) and fits(self.tok, layout, CAPTION, "", s["caption"]):
+                decoded.append(s)
+            if len(decoded) == PREVIEW_ROWS:
+                break
+        return decoded
+
+    def write(self, trainer, module, name: str) -> Optional[float]:
+        if not trainer.is_global_zero or self.cfg.trainer.strategy == "fsdp":  # FSDP: weights are sharded
+            return None
+        model, dev = module.model, module.device
+        samples = self._samples(model.layout)
+        if not samples:
+            return None
+        s, lay = self.tok.specials, model.layout
+        captions = [x["caption"] for x in samples]
+        images = torch.stack([torch.as_tensor(x["tokens"]).float() for x in samples]).to(dev)
+        model.eval()
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            tasks = [T2I] * len(samples) + [CAPTION] * len(samples)
+            batch = build_batch(self.tok, lay, tasks, captions * 2, [None] * len(samples) + captions,
+                                torch.cat([images, images]))
+            torch.manual_seed(self.cfg.trainer.seed)
+            val_loss = float(model({k: batch[k].to(dev) for k in MODEL_KEYS})["loss"])
+            prompts = torch.stack([encode_prefix(self.tok, T2I, c, lay) for c in captions]).to(dev)
+            gen = torch.Generator().manual_seed(self.cfg.trainer.seed)
+            made = model.generate_images(prompts, None, self.gen, s.boi, gen, pad_id=s.pad)
+            cap_prefix = torch.stack([encode_prefix(self.tok, CAPTION, "", lay)] * len(samples)).to(dev)
+            written = model.generate_text(images, cap_prefix, self.gen, s.boi, s.eoi, s.eos, pad_id=s.pad)
+        model.train()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        truth = self.image_tok.decode(images.float().cpu())
+        fake = self.image_tok.decode(made.float().cpu())
+        grid = np.concatenate([np.concatenate(list(truth), axis=1), np.concatenate(list(fake), axis=1)], axis=0)
+        Image.fromarray(grid).save(self.dir / f"{name}.png")
+        lines = [f"step {module.step}  val loss {val_loss:.4f}",
+                 "top row: held-out images; bottom row: generated from their captions"]
+        lines += [f"caption: {c!r}  ->  written: {self.tok.decode(w)!r}" for c, w in zip(captions, written)]
+        (self.dir / f"{name}.txt").write_text("\n".join(lines) + "\n")
+        return val_loss

@@ -1,0 +1,83 @@
+"""The LightningModule's pieces: LR schedule, AdamW groups, EMA, per-step seeding."""
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mmar_cli.config import ModelConfig, OptimConfig
+from mmar_cli.engine.ema import EMA
+from mmar_cli.engine.module import lr_factor, param_groups, step_seed
+from mmar_cli.model.mmar import MMAR
+from mmar_cli.model.presets import resolve
+
+TINY = dict(width=64, depth=2, heads=2, kv_heads=1, mlp_hidden=128, diffusion={"width": 64, "depth": 1},
+            vocab_size=264, token_dim=48, image_grid=[2, 2])
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return MMAR(resolve(OmegaConf.merge(OmegaConf.structured(ModelConfig), TINY)))
+
+
+def optim(**kw):
+    return OmegaConf.merge(OmegaConf.structured(OptimConfig), kw)
+
+
+def test_lr_warmup_then_cosine_to_floor():
+    f = lambda s: lr_factor(s, warmup=10, max_steps=110, schedule="cosine", min_ratio=0.1)  # noqa: E731
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 120))
+    assert lr_factor(50, 10, 110, "constant", 0.1) == 1.0
+    assert lr_factor(3, 0, 10, "cosine", 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+
+
+def test_param_groups_no_decay_on_norms_biases_embeddings():
+    model = tiny_model()
+    groups = {g["name"]: g for g in param_groups(model, optim(lr=1e-3, weight_decay=0.1, backbone_lr_mult=0.5))}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups.values():
+        for p in g["params"]:
+            name = names[id(p)]
+            if p.ndim < 2 or "embed_tokens" in name:
+                assert g["weight_decay"] == 0.0, name
+            assert g["lr"] == (5e-4 if name.startswith("backbone.") else 1e-3), name
+    assert groups["backbone"]["weight_decay"] == 0.1
+    n_grouped = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert n_grouped == sum(p.numel() for p in model.parameters())
+
+
+def test_freeze_backbone():
+    model = tiny_model()
+    groups = param_groups(model, optim(freeze_backbone=True))
+    assert all(not g["name"].startswith("backbone") for g in groups)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_ema_average_and_state_dict_keys():
+    model = tiny_model()
+    ema = EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    state = ema.state_dict(model)
+    assert state.keys() == model.state_dict().keys()
+    key = next(k for k, _ in model.named_parameters())
+    assert torch.allclose(state[key], before[key] + 0.1, atol=1e-6)
+    fresh = tiny_model()
+    fresh.load_state_dict(state)  # EMA weights load into the model as they are
+    ema2 = EMA(fresh, 0.9)
+    ema2.load_state_dict(state)
+    assert torch.equal(ema2.state_dict(fresh)[key], state[key])
+
+
+def test_step_seed_depends_on_seed_step_rank():
+    seeds = {step_seed(a, b, c) for a in range(2) for b in range(3) for c in range(2)}
+    assert len(seeds) == 12 and step_seed(0, 5, 1) == step_seed(0, 5, 1)
