@@ -218,6 +218,12 @@ class SampleConfig:
     batch_size: int = opt(16, "prompts (rows) per forward pass", min=1)
     seed: int = opt(0, "sampling seed")
     ema: bool = opt(True, "use the EMA weights when the checkpoint has them")
+    prompts: List[str] = opt(factory=list, help="text prompts (text -> image), or the questions about `image`")
+    prompts_file: Optional[str] = opt(None, "a text file of prompts, one per line (added to `prompts`)")
+    image: Optional[str] = opt(None, "an image to caption (no prompt) or to ask the prompts about; another "
+                               "size than the model's is center-cropped and resized, with a warning")
+    out_shards: Optional[str] = opt(None, "write prompts x num_images as WebDataset shards (png + txt + "
+                                    "json) in this directory instead of single PNGs")
     gen: GenerationConfig = opt(factory=GenerationConfig, help="generation settings")
 
 

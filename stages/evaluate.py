@@ -1,25 +1,380 @@
-"""`mmar evaluate` (placeholder until the stage lands)."""
+"""`mmar evaluate`: score a checkpoint on held-out token shards; write metrics.json, report.md, pictures.
 
+    mmar evaluate --ckpt runs/finetune/final                 # data/shapes/test, 200 samples
+    mmar evaluate --ckpt runs/finetune/final gen.cfg=3 num_samples=500 --fid-weights ~/inception-2015-12-05.pt
+    mmar evaluate --thresholds configs/eval/thresholds.yaml  # exit 1 if a metric is below its minimum
+
+What is measured, on the first `num_samples` held-out samples:
+  generation     the held-out captions are the prompts; the checker (mmar_cli/data/checker.py) reads shape,
+                 colour, size and position back from each image: accuracy per attribute and all-correct
+                 (gen.checker.*). The same checker on the true images (ref.checker.*) is the ceiling.
+                 FID against the true images: clean-fid's Inception when its weights file is on disk
+                 (gen.fid), else an in-project extractor (gen.fid_proxy, not comparable to published FIDs).
+  understanding  a caption per true image: exact match and per attribute (und.caption.*); the held-out
+                 question -> answer: exact match (und.qa.exact).
+  tokenizer      PSNR / SSIM of the image tokenizer's reconstruction of freshly rendered held-out images of
+                 the built-in dataset (tok.psnr, tok.ssim; exact for 'patch': PSNR inf, SSIM 1).
+The true images are the held-out tokens decoded (exact for the 'patch' tokenizer).
+
+metrics.json holds `metrics` (name -> value) and `provenance` (per metric: evaluator and version,
+reference set and its hash, number of samples, the generation settings, seed, weights and checkpoint
+hash). From Python, `run(cfg)` returns the same dict, so a sweep over e.g. gen.cfg is a loop of runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from importlib.metadata import version
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
+import numpy as np
+import torch
 import typer
+import yaml
 
-from mmar_cli.cli_common import CONFIG_HELP, OVERRIDES_HELP, build_config, handle_errors, single_command_app
-from mmar_cli.config import EvaluateConfig
+from mmar_cli import __version__
+from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console, handle_errors,
+                                 single_command_app)
+from mmar_cli.config import EvaluateConfig, to_container
 from mmar_cli.errors import UserError
+from mmar_cli.metrics import accuracy, fid, recon
+from stages.sample import image_grid, save_png
 
 SCHEMA = EvaluateConfig
+REPORT_ROWS = 16  # samples shown in report.md's tables
+IMAGE_SETTINGS = ("cfg", "cfg_schedule", "temperature", "iterations", "diffusion_steps", "sampler")
+TEXT_SETTINGS = ("max_new_tokens", "top_k", "top_p", "text_temperature")
+CHECKER = f"mmar checker (mmar_cli/data/checker.py) of mmar {__version__}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out data
+# --------------------------------------------------------------------------------------------------
+def read_heldout(data: Path, n: int) -> List[dict]:
+    """The first `n` samples of a shard directory, in the manifest's order (decode_sample's dicts)."""
+    import webdataset as wds
+
+    from mmar_cli.data.shards import decode_sample, shard_paths
+
+    samples = []
+    for raw in wds.WebDataset(shard_paths(data), shardshuffle=False, empty_check=False):
+        samples.append(decode_sample(raw))
+        if len(samples) == n:
+            break
+    if not samples:
+        raise UserError(f"data: {data} holds no samples")
+    return samples
+
+
+def expected_attributes(sample: dict) -> Optional[List[dict]]:
+    """What a sample's caption asks for, when it is a built-in shapes caption (else None)."""
+    from mmar_cli.data.shapes import parse_caption
+
+    if sample["meta"].get("attributes"):
+        return sample["meta"]["attributes"]
+    try:
+        return parse_caption(sample["caption"] or "")
+    except UserError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics (each callable on its own, e.g. with true images in place of generated ones)
+# --------------------------------------------------------------------------------------------------
+def checker_accuracy(images: np.ndarray, expected: List[List[dict]], prefix: str) -> Dict[str, float]:
+    """`{prefix}.shape/colour/size/position/all`: share of images the checker reads as expected."""
+    from mmar_cli.data import checker
+
+    hits = [checker.score(image, exp) for image, exp in zip(images, expected)]
+    return {f"{prefix}.{k}": v for k, v in accuracy.mean_hits(hits).items()}
+
+
+def caption_accuracy(captions: List[str], samples: List[dict]) -> Dict[str, float]:
+    metrics = {"und.caption.exact": accuracy.exact_match(captions, [s["caption"] for s in samples])}
+    scored = [(c, expected_attributes(s)) for c, s in zip(captions, samples)]
+    scored = [accuracy.caption_hits(c, e) for c, e in scored if e is not None]
+    if scored:
+        metrics.update({f"und.caption.{k}": v for k, v in accuracy.mean_hits(scored).items()})
+    return metrics
+
+
+def tokenizer_reconstruction(image_tok, n: int, seed: int) -> tuple[Dict[str, float], dict]:
+    """PSNR/SSIM of encode -> decode on `n` freshly rendered held-out (test split) built-in images."""
+    from mmar_cli.data import shapes
+
+    originals = np.stack([s["image"] for s in shapes.iterate("test", n, seed, image_tok.image_size)])
+    decoded = np.concatenate([image_tok.decode(image_tok.encode(originals[i:i + 64]))
+                              for i in range(0, n, 64)])
+    m = recon.reconstruction_metrics(originals, decoded)
+    reference = {"set": f"built-in shapes, test split, {n} renders, seed {seed}",
+                 "sha256": hashlib.sha256(originals.tobytes()).hexdigest()}
+    return {"tok.psnr": m["psnr"], "tok.ssim": m["ssim"]}, reference
+
+
+# --------------------------------------------------------------------------------------------------
+# Thresholds
+# --------------------------------------------------------------------------------------------------
+def check_thresholds(metrics: Dict[str, float], path: str | Path) -> List[str]:
+    """Failures (one sentence each) of `metrics` against a YAML of `name: minimum` or `name: {min, max}`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"thresholds: {path} does not exist")
+    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(spec, dict):
+        raise UserError(f"thresholds: {path} must map metric names to minimums (e.g. gen.checker.all: 0.5)")
+    failures = []
+    for name, bound in spec.items():
+        if name not in metrics:
+            raise UserError(f"thresholds: {path}: metric '{name}' was not computed in this run; computed: "
+                            f"{', '.join(sorted(metrics))}")
+        bounds = bound if isinstance(bound, dict) else {"min": bound}
+        if set(bounds) - {"min", "max"} or not all(isinstance(v, (int, float)) for v in bounds.values()):
+            raise UserError(f"thresholds: {path}: '{name}' must be a number (minimum) or {{min: x, max: y}}, "
+                            f"got {bound!r}")
+        value = metrics[name]
+        if "min" in bounds and not value >= bounds["min"]:
+            failures.append(f"{name} = {value:.4g} is below the minimum {bounds['min']}")
+        if "max" in bounds and not value <= bounds["max"]:
+            failures.append(f"{name} = {value:.4g} is above the maximum {bounds['max']}")
+    return failures
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+def json_safe(value):
+    """JSON has no infinity or NaN: they are written as the strings 'inf', '-inf', 'nan'."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _cell(text: Optional[str]) -> str:
+    return (text or "").replace("|", "\\|").replace("\n", " ") or "∅"
+
+
+def write_report(out: Path, result: dict, rows: dict) -> None:
+    """report.md with the metrics table, the generated images under their prompts and the text tables."""
+    r = result
+    lines = [f"# mmar evaluation\n",
+             f"- checkpoint: `{r['checkpoint']['path']}` ({r['checkpoint']['weights']} weights, sha256 "
+             f"`{r['checkpoint']['sha256'][:16]}`)",
+             f"- held-out data: `{r['reference']['data']}` (manifest sha256 `{r['reference']['manifest_sha256'][:16]}`), "
+             f"{r['reference']['num_samples']} samples",
+             f"- seed {r['settings']['seed']}; image generation: " +
+             ", ".join(f"{k} {r['settings']['gen'][k]}" for k in IMAGE_SETTINGS),
+             f"- command: `{r['command']}`\n", "## Metrics\n", "| metric | value | evaluator | samples | note |",
+             "|---|---|---|---|---|"]
+    for name, value in r["metrics"].items():
+        p = r["provenance"][name]
+        lines.append(f"| {name} | {value:.4g} | {_cell(p['evaluator'])} | {p['num_samples']} | {_cell(p.get('note'))} |")
+    for note in r["notes"]:
+        lines.append(f"\n> {note}")
+    if rows.get("generated"):
+        lines += ["\n## Text -> image\n", "Top: true images; bottom: generated from their captions.\n",
+                  "![generated grid](generated_grid.png)\n", "| # | prompt | true | generated | checker |",
+                  "|---|---|---|---|---|"]
+        for i, row in enumerate(rows["generated"]):
+            lines.append(f"| {i} | {_cell(row['prompt'])} | <img src=\"images/true-{i:03d}.png\" width=\"64\"> | "
+                         f"<img src=\"images/gen-{i:03d}.png\" width=\"64\"> | {row['verdict']} |")
+    if rows.get("captions"):
+        lines += ["\n## Image -> text\n", "| # | image | true caption | generated caption |", "|---|---|---|---|"]
+        for i, row in enumerate(rows["captions"]):
+            lines.append(f"| {i} | <img src=\"images/true-{i:03d}.png\" width=\"64\"> | {_cell(row['truth'])} | "
+                         f"{_cell(row['text'])} |")
+    if rows.get("answers"):
+        lines += ["\n| # | question | true answer | generated answer |", "|---|---|---|---|"]
+        for i, row in enumerate(rows["answers"]):
+            lines.append(f"| {i} | {_cell(row['question'])} | {_cell(row['truth'])} | {_cell(row['text'])} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+def run(cfg) -> dict:
+    """Evaluate as `cfg` (a validated EvaluateConfig) says; writes and returns metrics.json's content
+    (`metrics`: name -> value; `thresholds.failed`: the failures when cfg.thresholds is set)."""
+    from mmar_cli.data.shards import file_sha256, read_manifest
+    from mmar_cli.inference import check_data_compatible, load_checkpoint
+
+    data, out = Path(cfg.data), Path(cfg.out)
+    data_manifest = read_manifest(data)
+    model = load_checkpoint(cfg.ckpt, cfg.ema)
+    ckpt = Path(model.source["path"])
+    check_data_compatible(model.source["manifest"], data_manifest, ckpt, data)
+    if cfg.fid and cfg.fid_weights is not None:
+        fid.find_inception(cfg.fid_weights)  # a bad path fails now, not after generating
+
+    samples = read_heldout(data, cfg.num_samples)
+    notes = []
+    if len(samples) < cfg.num_samples:
+        notes.append(f"{data} holds {len(samples)} samples, fewer than num_samples={cfg.num_samples}")
+    fitting = [s for s in samples if _fits_prompt(model, s)]
+    if len(fitting) < len(samples):
+        notes.append(f"{len(samples) - len(fitting)} samples skipped: caption or question longer than the "
+                     f"model's prefix ({model.layout.prefix_len} tokens)")
+    if not fitting:
+        raise UserError(f"data: no caption in {data} fits the model's prefix ({model.layout.prefix_len} tokens)")
+    samples, n = fitting, len(fitting)
+    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.float32))
+    truth = model.image_tok.decode(tokens)
+    reference = {"data": str(data), "manifest_sha256": file_sha256(data / "manifest.json"), "num_samples": n,
+                 "images": f"held-out tokens decoded by the {model.image_tok.spec()['kind']} tokenizer"}
+    ckpt_info = {k: model.source[k] for k in ("path", "weights", "sha256")}
+    gen_settings = {k: cfg.gen[k] for k in IMAGE_SETTINGS}
+    text_settings = {k: cfg.gen[k] for k in TEXT_SETTINGS}
+    metrics: Dict[str, float] = {}
+    provenance: Dict[str, dict] = {}
+
+    def record(values: Dict[str, float], evaluator: str, count: int, settings: Optional[dict],
+               ref: Optional[dict] = None, note: str = "") -> None:
+        for name, value in values.items():
+            metrics[name] = value
+            provenance[name] = {
+                "evaluator": evaluator, "mmar_version": __version__, "num_samples": count,
+                "reference": ref or {"data": reference["data"], "manifest_sha256": reference["manifest_sha256"]},
+                "settings": {**(settings or {}), "seed": cfg.seed, "weights": ckpt_info["weights"]},
+                "checkpoint_sha256": ckpt_info["sha256"], "note": note}
+
+    timings = {}
+    # text -> image
+    start = time.perf_counter()
+    prompts = [s["caption"] for s in samples]
+    generated = model.text_to_image(prompts, cfg.gen, cfg.seed, cfg.batch_size)
+    timings["text_to_image_images_per_s"] = n / (time.perf_counter() - start)
+    expected = [expected_attributes(s) for s in samples]
+    judged = [i for i, e in enumerate(expected) if e is not None]
+    verdicts = {}
+    if judged:
+        exp = [expected[i] for i in judged]
+        record(checker_accuracy(generated[judged], exp, "gen.checker"), CHECKER, len(judged), gen_settings)
+        record(checker_accuracy(truth[judged], exp, "ref.checker"), CHECKER, len(judged), None,
+               note="the checker on the true images: the ceiling of gen.checker")
+        from mmar_cli.data import checker
+
+        verdicts = {i: checker.score(generated[i], expected[i]) for i in judged[:REPORT_ROWS]}
+    else:
+        notes.append("the captions are not built-in shapes captions: no checker accuracy")
+    if cfg.fid:
+        extractor = fid.feature_extractor(cfg.fid_weights, model.device)
+        if not extractor.comparable:
+            console.print(f"[yellow]note:[/yellow] {fid.missing_weights_message()}", highlight=False)
+            notes.append(fid.missing_weights_message())
+        f = fid.fid(generated, truth, extractor)
+        record({f["name"]: f["value"]}, f["evaluator"], n, gen_settings, note=f["note"])
+
+    # image -> text
+    start = time.perf_counter()
+    captions = model.image_to_text(tokens, [None] * n, cfg.gen, cfg.seed, cfg.batch_size)
+    timings["captions_per_s"] = n / (time.perf_counter() - start)
+    record(caption_accuracy(captions, samples), f"exact match and shapes.parse_caption, mmar {__version__}", n,
+           text_settings)
+    asked = [i for i, s in enumerate(samples) if s["question"] and s["answer"]]
+    answers = []
+    if asked:
+        answers = model.image_to_text(tokens[asked], [samples[i]["question"] for i in asked], cfg.gen, cfg.seed,
+                                      cfg.batch_size)
+        record({"und.qa.exact": accuracy.exact_match(answers, [samples[i]["answer"] for i in asked])},
+               f"exact match, mmar {__version__}", len(asked), text_settings)
+
+    # the image tokenizer
+    if data_manifest["source"].get("format") == "builtin":
+        values, ref = tokenizer_reconstruction(model.image_tok, n, cfg.seed)
+        record(values, f"torchmetrics {version('torchmetrics')} PSNR (data range 1) / SSIM", n, None, ref,
+               note="inf: lossless" if math.isinf(values["tok.psnr"]) else "")
+    else:
+        notes.append("tokenizer PSNR/SSIM need the original images: measured only on the built-in dataset")
+
+    result = {
+        "mmar_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command_line(),
+        "checkpoint": ckpt_info, "reference": reference,
+        "settings": {"seed": cfg.seed, "ema": cfg.ema, "gen": to_container(cfg.gen)},
+        "versions": {"mmar": __version__, "torch": torch.__version__, "torchmetrics": version("torchmetrics"),
+                     "clean-fid": version("clean-fid")},
+        "metrics": metrics, "provenance": provenance, "notes": notes, "timings": timings,
+    }
+    if cfg.thresholds is not None:
+        result["thresholds"] = {"file": cfg.thresholds, "failed": check_thresholds(metrics, cfg.thresholds)}
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    shown = min(n, REPORT_ROWS)
+    for i in range(shown):
+        save_png(truth[i], out / "images" / f"true-{i:03d}.png")
+        save_png(generated[i], out / "images" / f"gen-{i:03d}.png")
+    save_png(image_grid(np.concatenate([truth[:shown], generated[:shown]]), shown), out / "generated_grid.png")
+    rows = {
+        "generated": [{"prompt": prompts[i], "verdict": _verdict(verdicts.get(i))} for i in range(shown)],
+        "captions": [{"truth": samples[i]["caption"], "text": captions[i]} for i in range(shown)],
+        "answers": [{"question": samples[i]["question"], "truth": samples[i]["answer"], "text": a}
+                    for i, a in zip(asked[:REPORT_ROWS], answers)],
+    }
+    (out / "metrics.json").write_text(json.dumps(json_safe(result), indent=2) + "\n", encoding="utf-8")
+    write_report(out, result, rows)
+    return result
+
+
+def _fits_prompt(model, sample: dict) -> bool:
+    from mmar_cli.data.sequence import QA, T2I
+
+    try:
+        model.encode(T2I, [sample["caption"]])
+        if sample["question"]:
+            model.encode(QA, [sample["question"]])
+    except UserError:
+        return False
+    return True
+
+
+def _verdict(hits: Optional[dict]) -> str:
+    if hits is None:
+        return "∅"
+    return "all right" if hits["all"] else "wrong: " + ", ".join(k for k, v in hits.items() if k != "all" and not v)
 
 
 @handle_errors
 def cli(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="checkpoint directory; default: the newest complete "
+                                        "final/ under runs/ [ckpt]"),
+    data: Optional[Path] = typer.Option(None, "--data", help="held-out token shards [data]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory [out]"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="held-out samples [num_samples]"),
+    fid_weights: Optional[Path] = typer.Option(None, "--fid-weights", help="clean-fid's inception-2015-12-05.pt "
+                                               "(never downloaded) [fid_weights]"),
+    thresholds: Optional[Path] = typer.Option(None, "--thresholds", help="YAML of metric: minimum; a metric "
+                                              "below fails the run with exit 1 [thresholds]"),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg", help="classifier-free guidance scale [gen.cfg]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed [seed]"),
+    ema: Optional[bool] = typer.Option(None, "--ema/--raw", help="EMA or raw weights [ema]"),
 ):
-    """Not implemented yet."""
-    build_config(SCHEMA, config, overrides)
-    raise UserError("mmar evaluate is not implemented yet")
+    """Score a checkpoint on held-out shards: checker accuracy and FID of generated images, caption and
+    answer accuracy, tokenizer PSNR/SSIM. Writes metrics.json, report.md and pictures to --out.
+
+    Options are shortcuts for the config keys in brackets; key=value arguments set any key (listed below).
+    """
+    shortcuts = {"ckpt": ckpt, "data": data, "out": out, "num_samples": num_samples, "fid_weights": fid_weights,
+                 "thresholds": thresholds, "gen.cfg": cfg_scale, "seed": seed, "ema": ema}
+    cfg = build_config(SCHEMA, config, overrides, **shortcuts)
+    result = run(cfg)
+    for name, value in result["metrics"].items():
+        print(f"{name:24s} {value:.4g}")
+    console.print(f"metrics.json, report.md -> {cfg.out}/")
+    failed = result.get("thresholds", {}).get("failed", [])
+    if failed:
+        for failure in failed:
+            console.print(f"[bold red]below threshold:[/bold red] {failure} ({cfg.thresholds})", highlight=False)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,0 +1,206 @@
+"""A trained model at work: load a checkpoint, then text -> image and image -> text in batches.
+
+Shared by `mmar sample`, `mmar evaluate` and the training previews. Prompts are built only through
+`data.sequence.encode_prefix`, so a prompt sits at the positions it had in training (DESIGN §9).
+
+Every image (and every sampled caption) draws from its own generator seeded by (seed, row index), so
+a given image is the same whatever the batch size, and the same on CPU and GPU up to float round-off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, Layout, encode_prefix
+from mmar_cli.errors import UserError
+
+RUNS = Path("runs")
+WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
+CHECKPOINT_FILES = ("model.safetensors", "config.yaml", "manifest.json")
+
+
+def warn(message: str) -> None:
+    from mmar_cli.cli_common import console
+
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding and checking a checkpoint
+# --------------------------------------------------------------------------------------------------
+def newest_checkpoint(root: Path = RUNS) -> Path:
+    """The most recently completed `final/` under `root` (by the time its COMPLETE marker was written)."""
+    from mmar_cli.engine.checkpoint import COMPLETE
+
+    finals = [p.parent for p in root.glob(f"**/final/{COMPLETE}")] if root.is_dir() else []
+    if not finals:
+        raise UserError(f"no complete checkpoint under {root}/ (a final/ directory with a {COMPLETE} file); "
+                        "pass ckpt=DIR or train one with `mmar pretrain`")
+    return max(finals, key=lambda p: (p / COMPLETE).stat().st_mtime)
+
+
+def checkpoint_dir(ckpt: Optional[str]) -> Path:
+    """`ckpt`, or the newest complete run under runs/, checked to hold everything inference needs."""
+    from mmar_cli.engine.checkpoint import COMPLETE
+
+    path = newest_checkpoint() if ckpt is None else Path(ckpt)
+    if not path.is_dir():
+        raise UserError(f"ckpt: {path} is not a directory (expected a checkpoint such as runs/pretrain/final)")
+    if not (path / COMPLETE).is_file():
+        raise UserError(f"ckpt: {path} is not a complete checkpoint (no {COMPLETE} file: the run was "
+                        "interrupted while writing it, or this is not a checkpoint directory)")
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            raise UserError(f"ckpt: {path} has no {name}; expected a checkpoint written by mmar pretrain/finetune")
+    return path
+
+
+def check_data_compatible(ckpt_manifest: dict, data_manifest: dict, ckpt: Path, data: Path) -> None:
+    """The held-out shards must be tokenized with the checkpoint's tokenizers."""
+    from mmar_cli.data.shards import check_compatible
+
+    try:
+        check_compatible(ckpt_manifest, data_manifest)
+    except UserError as e:
+        raise UserError(f"checkpoint {ckpt} does not match data {data}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The model with its tokenizers
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class InferenceModel:
+    """A model and the tokenizers it speaks; `source` records where the weights came from (a checkpoint's
+    path, which weights and their sha256), empty for a model still in training (previews)."""
+
+    model: torch.nn.Module
+    text_tok: object
+    image_tok: object
+    source: Optional[dict] = None
+
+    @property
+    def layout(self) -> Layout:
+        return self.model.layout
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        return self.image_tok.image_size
+
+    # ---------------------------------------------------------------------------------------------
+    def encode(self, task: int, texts: Sequence[str], what: str = "prompt") -> torch.Tensor:
+        """[B, P] left-padded prefixes; an empty prompt or one longer than the model's prefix is refused."""
+        if task in (T2I, QA):
+            for text in texts:
+                if not text or not text.strip():
+                    raise UserError(f"empty {what}: give some text (e.g. 'a large red circle at the top left')")
+        return torch.stack([encode_prefix(self.text_tok, task, text, self.layout, what) for text in texts])
+
+    @torch.no_grad()
+    def text_to_image(self, prompts: Sequence[str], gen, seed: int, batch_size: int,
+                      first_row: int = 0) -> np.ndarray:
+        """uint8 [len(prompts), H, W, 3]; row i draws from generator (seed, first_row + i)."""
+        s = self.text_tok.specials
+        prefix = self.encode(T2I, prompts)
+        uncond = self.encode(UNCOND, [""]) if gen.cfg != 1.0 else None
+        images = []
+        for start in range(0, len(prompts), batch_size):
+            rows = prefix[start:start + batch_size].to(self.device)
+            un = None if uncond is None else uncond.expand(len(rows), -1).to(self.device)
+            gens = row_generators(seed, first_row + start, len(rows))
+            tokens = self.model.generate_images(rows, un, gen, s.boi, gens, pad_id=s.pad)
+            images.append(self.image_tok.decode(tokens.float().cpu()))
+        return np.concatenate(images)
+
+    @torch.no_grad()
+    def image_to_text(self, image_tokens: torch.Tensor, questions: Sequence[Optional[str]], gen, seed: int,
+                      batch_size: int, use_cache: bool = True) -> List[str]:
+        """A caption for each image whose question is None, else the answer to its question."""
+        s = self.text_tok.specials
+        prefix = torch.stack([encode_prefix(self.text_tok, CAPTION, "", self.layout) if q is None
+                              else self.encode(QA, [q], "question")[0] for q in questions])
+        texts: List[str] = []
+        for start in range(0, len(questions), batch_size):
+            rows = prefix[start:start + batch_size].to(self.device)
+            tokens = torch.as_tensor(image_tokens[start:start + batch_size]).float().to(self.device)
+            gens = row_generators(seed, start, len(rows))
+            out = self.model.generate_text(tokens, rows, gen, s.boi, s.eoi, s.eos, use_cache, gens, pad_id=s.pad)
+            texts += [self.text_tok.decode(ids).strip() for ids in out]
+        return texts
+
+
+def row_generators(seed: int, first_row: int, count: int) -> List[torch.Generator]:
+    """CPU generators, one per row, seeded from (seed, row) so rows never share a stream."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, row]).generate_state(1)[0]))
+            for row in range(first_row, first_row + count)]
+
+
+def load_checkpoint(ckpt: Optional[str], ema: bool = True, device: Optional[str] = None) -> InferenceModel:
+    """A checkpoint directory (None: newest final/ under runs/) -> model in eval mode + its tokenizers.
+
+    Weights are read with safetensors (nothing is unpickled). `ema`: the EMA weights when the checkpoint
+    has them (a warning otherwise, then the raw weights)."""
+    from safetensors.torch import load_file
+
+    from mmar_cli.data.shards import file_sha256, load_tokenizers
+    from mmar_cli.model.mmar import MMAR
+    from mmar_cli.model.presets import resolve
+
+    path = checkpoint_dir(ckpt)
+    which = "ema" if ema else "model"
+    if ema and not (path / WEIGHT_FILES["ema"]).is_file():
+        warn(f"{path} has no {WEIGHT_FILES['ema']} (trained with ema_decay=0): using the raw weights")
+        which = "model"
+    weights = path / WEIGHT_FILES[which]
+
+    text_tok, image_tok = load_tokenizers(path)
+    cfg = resolve(OmegaConf.load(path / "config.yaml").model)
+    model = MMAR(cfg)
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"ckpt: {weights} does not fit the model in {path / 'config.yaml'}: {first}") from None
+    if cfg.vocab_size != text_tok.vocab_size or cfg.token_dim != image_tok.token_dim:
+        raise UserError(f"ckpt: {path}: the model expects vocabulary {cfg.vocab_size} and token dim "
+                        f"{cfg.token_dim} but its tokenizers give {text_tok.vocab_size} and {image_tok.token_dim}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    from mmar_cli.engine.checkpoint import load_manifest
+
+    source = {"path": str(path), "weights": which, "sha256": file_sha256(weights),
+              "manifest": load_manifest(path)}
+    return InferenceModel(model, text_tok, image_tok, source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Images from disk
+# --------------------------------------------------------------------------------------------------
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """uint8 [size, size, 3]; an image of another size is center-cropped to a square and resized, with a
+    warning, because the model only knows images of its training size."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"image: {p} does not exist")
+    try:
+        image = Image.open(p).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"image: {p} is not a readable image ({e})") from None
+    if image.size != (size, size):
+        w, h = image.size
+        warn(f"{p} is {w}x{h}; the model reads {size}x{size} images: center-cropped and resized")
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    return np.array(image, dtype=np.uint8)

@@ -1,0 +1,38 @@
+"""Test assets for sample/evaluate: tiny built-in token shards and a random-weight checkpoint written by
+the training engine's own checkpoint writer (so the layout is exactly what `mmar pretrain` leaves)."""
+
+from pathlib import Path
+
+import torch
+
+from mmar_cli.config import TokenizeConfig, TrainConfig, load_config, to_yaml
+from mmar_cli.data.shards import load_tokenizers
+from mmar_cli.engine.checkpoint import save_checkpoint
+from mmar_cli.model.mmar import MMAR
+
+# Small enough for a CPU test, big enough to have every part (2 blocks, GQA, a 1-block head).
+TINY_MODEL = ["model.width=64", "model.depth=2", "model.heads=2", "model.kv_heads=1", "model.mlp_hidden=128",
+              "model.diffusion.width=64", "model.diffusion.depth=1"]
+
+
+def make_data(root: Path, num_test: int = 16) -> Path:
+    from stages import tokenize
+
+    cfg = load_config(TokenizeConfig, overrides=[f"out={root}", "shapes.num_train=64", "shapes.num_val=0",
+                                                 f"shapes.num_test={num_test}", "text_tokenizer.vocab_size=128"])
+    tokenize.run(cfg)
+    return root
+
+
+def make_checkpoint(data: Path, out: Path, model_overrides=TINY_MODEL, seed: int = 0, ema: bool = True) -> Path:
+    from stages.train_common import model_config
+
+    cfg = load_config(TrainConfig, overrides=[f"data={data / 'train'}", f"out={out}", *model_overrides])
+    tok, image_tok = load_tokenizers(data / "train")
+    cfg.model = model_config(cfg, tok, image_tok)
+    torch.manual_seed(seed)
+    model = MMAR(cfg.model)
+    state = model.state_dict()
+    return save_checkpoint(out / "final", model_state=state, ema_state=state if ema else None,
+                           trainer_state={"step": 0}, config_yaml=to_yaml(cfg), shard_dir=data / "train",
+                           command="tests/tiny_checkpoint.py")
