@@ -19,7 +19,7 @@ def make_data(root: Path, num_test: int = 16) -> Path:
     from stages import tokenize
 
     cfg = load_config(TokenizeConfig, overrides=[f"out={root}", "shapes.num_train=64", "shapes.num_val=0",
-                                                 f"shapes.num_test={num_test}", "text_tokenizer.vocab_size=128"])
+                                                 f"shapes.num_test={num_test}"])
     tokenize.run(cfg)
     return root
 
@@ -32,6 +32,12 @@ def make_checkpoint(data: Path, out: Path, model_overrides=TINY_MODEL, seed: int
     cfg.model = model_config(cfg, tok, image_tok)
     torch.manual_seed(seed)
     model = MMAR(cfg.model)
+    # Zero-initialised layers (the head's output, AdaLN gates) would make the conditional and unguided
+    # predictions identical; a trained model's are not zero.
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
     state = model.state_dict()
     return save_checkpoint(out / "final", model_state=state, ema_state=state if ema else None,
                            trainer_state={"step": 0}, config_yaml=to_yaml(cfg), shard_dir=data / "train",

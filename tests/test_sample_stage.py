@@ -1,0 +1,176 @@
+"""`mmar sample`: determinism, CFG 1 = conditional path, KV cache = no cache, outputs, bad input."""
+
+import hashlib
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmar_cli.app import app
+from mmar_cli.config import GenerationConfig
+from mmar_cli.data.sequence import CAPTION, T2I, UNCOND
+from mmar_cli.errors import UserError
+from mmar_cli.inference import load_checkpoint, newest_checkpoint
+from tiny_checkpoint import make_checkpoint, make_data
+
+PROMPTS = ["a large red circle at the top left", "a small blue cross in the center"]
+FAST = ["gen.iterations=2", "gen.diffusion_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    data = make_data(root / "data", num_test=4)
+    return make_checkpoint(data, root / "run")
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_checkpoint(str(ckpt), device="cpu")
+
+
+def gen(**kw):
+    return OmegaConf.merge(OmegaConf.structured(GenerationConfig), {"iterations": 2, "diffusion_steps": 3, **kw})
+
+
+def mmar(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_fixed_seed_gives_the_same_images_whatever_the_batch_size(model):
+    a = model.text_to_image(PROMPTS * 2, gen(), seed=3, batch_size=4)
+    b = model.text_to_image(PROMPTS * 2, gen(), seed=3, batch_size=1)
+    c = model.text_to_image(PROMPTS * 2, gen(), seed=4, batch_size=4)
+    assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(a[0], a[2])  # same prompt, another row: another image
+
+
+def test_cfg_scale_one_is_the_conditional_path(model):
+    s = model.text_tok.specials
+    prefix, uncond = model.encode(T2I, PROMPTS), model.encode(UNCOND, ["", ""])
+    m = model.model
+    seeded = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    guided = m.generate_images(prefix, uncond, gen(cfg=1.0), s.boi, seeded(), pad_id=s.pad)
+    plain = m.generate_images(prefix, None, gen(cfg=1.0), s.boi, seeded(), pad_id=s.pad)
+    strong = m.generate_images(prefix, uncond, gen(cfg=4.0), s.boi, seeded(), pad_id=s.pad)
+    assert torch.equal(guided, plain)
+    assert not torch.allclose(strong, plain)
+
+
+@pytest.mark.parametrize("text_temperature", [0.0, 1.0])
+def test_kv_cached_and_uncached_decoding_agree(model, text_temperature):
+    s = model.text_tok.specials
+    images = torch.randn(3, *model.image_tok.encode(np.zeros((1, 32, 32, 3), np.uint8)).shape[1:])
+    prefix = model.encode(CAPTION, ["", "", ""])
+    g = gen(text_temperature=text_temperature, top_k=20)
+    out = [model.model.generate_text(images, prefix, g, s.boi, s.eoi, s.eos, use_cache, 
+                                     [torch.Generator().manual_seed(i) for i in range(3)], pad_id=s.pad)
+           for use_cache in (True, False)]
+    assert out[0] == out[1]
+    assert max(len(row) for row in out[0]) > 0
+
+
+def test_text_to_image_writes_pngs_grid_and_settings(ckpt, tmp_path):
+    out = tmp_path / "s"
+    code, _, err = mmar("sample", "--ckpt", ckpt, "-p", PROMPTS[0], "-p", PROMPTS[1], "-n", "2", "--cfg", "1.5",
+                        "--seed", "7", "--sampler", "ddpm", "--raw", "--out", out, *FAST)
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*.png")) == ["000-00.png", "000-01.png", "001-00.png", "001-01.png",
+                                                        "grid.png"]
+    assert np.asarray(Image.open(out / "000-00.png")).shape == (32, 32, 3)
+    meta = json.loads((out / "samples.json").read_text())
+    weights = Path(ckpt, "model.safetensors").read_bytes()
+    assert meta["checkpoint"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert meta["checkpoint"]["weights"] == "model"
+    c = meta["config"]
+    assert (c["seed"], c["ema"], c["num_images"], c["prompts"]) == (7, False, 2, PROMPTS)
+    assert (c["gen"]["cfg"], c["gen"]["sampler"], c["gen"]["iterations"], c["gen"]["diffusion_steps"]) == \
+        (1.5, "ddpm", 2, 2)
+    assert [f["file"] for f in meta["images"]] == ["000-00.png", "000-01.png", "001-00.png", "001-01.png"]
+    assert meta["images_per_s"] > 0
+
+
+def test_help_lists_every_option():
+    code, out, _ = mmar("sample", "--help")
+    assert code == 0
+    for option in ["--prompt", "--prompts-file", "--image", "--ckpt", "--out-shards", "--num-images", "--cfg",
+                   "--temperature", "--iterations", "--steps", "--sampler", "--seed", "--ema", "--raw",
+                   "--batch-size", "--config", "center-cropped"]:
+        assert option in out, option
+
+
+def test_image_to_text_resizes_with_a_warning(ckpt, tmp_path):
+    picture = tmp_path / "big.png"
+    Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(picture)
+    code, out, err = mmar("sample", "--ckpt", ckpt, "--image", picture, "-p", "what colour is the circle?",
+                          "--out", tmp_path / "u")
+    assert code == 0, err
+    assert "64x48" in err and "center-cropped and resized" in err
+    result = json.loads((tmp_path / "u" / "understanding.json").read_text())
+    assert [r["task"] for r in result["results"]] == ["qa"]
+    assert out.startswith("what colour is the circle? ->")
+
+
+def test_out_shards_hold_png_txt_json(ckpt, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS[0] + "\n\n" + PROMPTS[1] + "\n")
+    code, _, err = mmar("sample", "--ckpt", ckpt, "--prompts-file", prompts, "-n", "3", "--out-shards",
+                        tmp_path / "sh", *FAST)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "sh").iterdir()) == ["samples-000000.tar", "samples.json"]
+    names = tarfile.open(tmp_path / "sh" / "samples-000000.tar").getnames()
+    assert len(names) == 2 * 3 * 3 and "000001-002.png" in names and "000001-002.txt" in names
+    meta = json.load(tarfile.open(tmp_path / "sh" / "samples-000000.tar").extractfile("000001-002.json"))
+    assert meta["prompt"] == PROMPTS[1] and meta["iterations"] == 2
+
+
+def test_bad_inputs_are_one_line_errors(ckpt, tmp_path):
+    code, _, err = mmar("sample", "--ckpt", ckpt, "-p", "  ")
+    assert code == 2 and "empty prompt" in err
+    code, _, err = mmar("sample", "--ckpt", ckpt, "-p", "a red circle " * 20)
+    assert code == 2 and "model.max_prefix_len" in err
+    code, _, err = mmar("sample", "--ckpt", ckpt.parent, "-p", PROMPTS[0])
+    assert code == 2 and "no COMPLETE file" in err
+    code, _, err = mmar("sample", "--ckpt", ckpt, "--image", tmp_path / "missing.png")
+    assert code == 2 and "missing.png does not exist" in err
+    code, _, err = mmar("sample", "--ckpt", ckpt)
+    assert code == 2 and "nothing to sample" in err
+    assert "Traceback" not in err
+
+
+def test_missing_weights_and_foreign_weights_are_refused(ckpt, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="has no model.safetensors"):
+        load_checkpoint(str(broken))
+    other = make_checkpoint(Path(ckpt).parents[1] / "data", tmp_path / "wide", model_overrides=["model.width=96"])
+    shutil.copy(other / "ema.safetensors", Path(shutil.copytree(ckpt, tmp_path / "mixed")) / "ema.safetensors")
+    with pytest.raises(UserError, match="does not fit the model"):
+        load_checkpoint(str(tmp_path / "mixed"))
+
+
+def test_default_checkpoint_is_the_newest_complete_final(ckpt, tmp_path):
+    import shutil
+
+    for name in ("old", "new", "broken"):
+        shutil.copytree(ckpt, tmp_path / "runs" / name / "final")
+    (tmp_path / "runs" / "broken" / "final" / "COMPLETE").unlink()
+    now = time.time()
+    os.utime(tmp_path / "runs" / "old" / "final" / "COMPLETE", (now - 100, now - 100))
+    assert newest_checkpoint(tmp_path / "runs") == tmp_path / "runs" / "new" / "final"
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        newest_checkpoint(tmp_path / "nothing")
