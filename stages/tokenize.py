@@ -135,16 +135,23 @@ def _fit_images(records: list, image_size: int) -> np.ndarray:
     return np.stack(images)
 
 
+def _pool_context():
+    """fork starts a worker in milliseconds, where spawn re-imports the whole `mmar` app (Lightning
+    included) in each; torch resets its thread pool in forked children, but a CUDA context (the VAE on
+    a GPU) cannot be forked."""
+    fork_ok = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
+    return multiprocessing.get_context("fork" if fork_ok else "spawn")
+
+
 def _run_chunks(jobs: List[dict], workers: int, total: int, label: str) -> List[dict]:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(escape(label), total=total)
         if workers == 1:
             return [tokenize_chunk(job, progress=lambda n: bar.advance(task, n)) for job in jobs]
-        # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
         results = []
-        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (threads,)) as pool:
+        with _pool_context().Pool(workers, _init_worker, (threads,)) as pool:
             for result, job in zip(pool.imap(tokenize_chunk, jobs), jobs):
                 results.append(result)
                 bar.advance(task, len(job["records"]))

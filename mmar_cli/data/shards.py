@@ -79,7 +79,8 @@ def write_shard(path: str | Path, samples: Iterable[dict]) -> dict:
     count = 0
     try:
         with open(tmp, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+            # an integer mtime keeps plain ustar headers (a float one costs a pax header per file)
+            writer = wds.TarWriter(f, encoder=False, mtime=0)
             try:
                 for sample in samples:
                     writer.write(sample)

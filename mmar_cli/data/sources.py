@@ -71,8 +71,8 @@ def detect_format(input: str, format: str = "auto") -> str:
 
 
 def list_builtin(split: str, n: int, shapes_cfg) -> List[Record]:
-    return [Record(key=f"{split}-{i:06d}", source=f"builtin:{split}/{i}",
-                   image=("builtin", split, i, shapes_cfg.seed, shapes_cfg.image_size, shapes_cfg.max_shapes))
+    settings = (shapes_cfg.seed, shapes_cfg.image_size, shapes_cfg.max_shapes)
+    return [Record(key=f"{split}-{i:06d}", source=f"builtin:{split}/{i}", image=("builtin", split, i, *settings))
             for i in range(n)]
 
 

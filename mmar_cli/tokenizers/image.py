@@ -42,10 +42,11 @@ def from_patches(t: torch.Tensor, grid: tuple[int, int], p: int) -> torch.Tensor
 
 def _as_unit_range(images) -> torch.Tensor:
     """uint8 [B, H, W, 3] (numpy or tensor) -> float32 in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+    x = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected uint8 images [B, H, W, 3], got {tuple(x.shape)} {x.dtype}")
-    return x.float() / 127.5 - 1.0
+    # numpy: several times faster than torch's elementwise ops on these small CPU batches
+    return torch.from_numpy(x.astype(np.float32) / np.float32(127.5) - np.float32(1.0))
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
