@@ -1,0 +1,260 @@
+"""MMAR: losses, masked image modelling, and both generation directions."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mmar_cli.config import GenerationConfig, ModelConfig
+from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, build_batch, encode_prefix
+from mmar_cli.model.mmar import MMAR, cosine_known
+from mmar_cli.model.presets import resolve
+
+WORDS = "a red green blue circle square at the top left right what colour is".split()
+
+
+def fake_tokenizer():
+    """A word tokenizer with the text tokenizer's interface: base words then the 8 specials."""
+    names = ["pad", "bos", "eos", "boi", "eoi", "gen", "cap", "ans"]
+    specials = SimpleNamespace(**{n: len(WORDS) + i for i, n in enumerate(names)})
+    return SimpleNamespace(specials=specials, vocab_size=len(WORDS) + len(names),
+                           encode=lambda text: [WORDS.index(w) for w in text.split()])
+
+
+TOK = fake_tokenizer()
+S = TOK.specials
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are dominated by thread overhead on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(**kw):
+    torch.manual_seed(0)
+    cfg = dict(preset="tiny", width=64, depth=2, heads=4, kv_heads=2, mlp_hidden=96, vocab_size=TOK.vocab_size,
+               token_dim=3, image_grid=[2, 3], max_prefix_len=8, max_suffix_len=7, tie_embeddings=False)
+    model = MMAR(resolve(ModelConfig(**{**cfg, **kw}))).eval()
+    with torch.no_grad():  # the head starts at exactly zero; give it an opinion so guidance matters
+        for p in model.head.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def a_batch(model, tasks=(T2I, UNCOND, CAPTION, QA)):
+    texts = {T2I: "a red circle", UNCOND: "", CAPTION: "", QA: "what colour is the circle"}
+    answers = {T2I: None, UNCOND: None, CAPTION: "a blue square at the top", QA: "red"}
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(len(tasks), model.layout.num_image_tokens, 3, generator=g)
+    return build_batch(TOK, model.layout, list(tasks), [texts[t] for t in tasks], [answers[t] for t in tasks], images)
+
+
+def gen_config(**kw):
+    return GenerationConfig(**{**dict(iterations=3, diffusion_steps=4), **kw})
+
+
+# --------------------------------------------------------------------------------------------------
+# training losses
+# --------------------------------------------------------------------------------------------------
+def test_forward_returns_weighted_losses_per_task_and_trains_every_part(model):
+    batch = a_batch(model)
+    model.train()
+    out = model(batch, w_img=0.5, w_txt=2.0)
+    model.eval()
+    assert set(out) == {"loss", "loss_img", "loss_txt", "loss_t2i", "loss_uncond", "loss_caption", "loss_qa"}
+    torch.testing.assert_close(out["loss"], 0.5 * out["loss_img"] + 2.0 * out["loss_txt"])
+    assert all(torch.isfinite(v) and v > 0 for v in out.values())
+    model.zero_grad()
+    out["loss"].backward()
+    for name in ("backbone.lm_head.weight", "backbone.layers.0.mlp.up_proj.weight", "head.out.weight",
+                 "image_embed.mask_embed", "image_embed.proj.weight", "vis_proj.net.0.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    model.zero_grad()
+
+
+def test_text_loss_is_the_cross_entropy_of_the_supervised_suffix(model):
+    batch = a_batch(model, (CAPTION,))
+    out = model(batch)
+    assert out["loss_img"] == 0 and set(out) == {"loss", "loss_img", "loss_txt", "loss_caption"}
+    with torch.no_grad():
+        h = model.hidden_states(batch["text_ids"], batch["valid"], batch["image_tokens"])
+        logits = model.backbone.logits(h)[0]
+    lay = model.layout
+    suffix = TOK.encode("a blue square at the top") + [S.eos]
+    # position t predicts token t+1: EOI predicts the first suffix word
+    expected = torch.nn.functional.cross_entropy(logits[lay.eoi:lay.eoi + len(suffix)], torch.tensor(suffix))
+    torch.testing.assert_close(out["loss_txt"], expected)
+
+
+def test_diffusion_loss_reads_only_masked_tokens_of_generation_rows(model):
+    batch = a_batch(model, (T2I, CAPTION))
+    torch.manual_seed(5)
+    before = model(batch)
+    torch.manual_seed(5)
+    masked = model.random_mask(batch["gen_rows"])
+    other = dict(batch, image_tokens=batch["image_tokens"].clone())
+    other["image_tokens"][1] += 1.0  # the understanding row's image: not a diffusion target
+    torch.manual_seed(5)
+    after = model(other)
+    assert after["loss_img"] == before["loss_img"]
+    other["image_tokens"][0][masked[0]] += 1.0  # masked tokens of the generation row: the targets
+    torch.manual_seed(5)
+    assert model(other)["loss_img"] != before["loss_img"]
+
+
+def test_masked_positions_carry_the_mask_embedding_not_their_values(model):
+    batch = a_batch(model, (T2I, T2I))
+    masked = model.random_mask(batch["gen_rows"])
+    tokens = batch["image_tokens"]
+    changed = tokens + 5.0 * masked[..., None]
+    with torch.no_grad():
+        a = model.hidden_states(batch["text_ids"], batch["valid"], tokens, masked)
+        b = model.hidden_states(batch["text_ids"], batch["valid"], changed, masked)
+    torch.testing.assert_close(a, b)
+
+
+def test_mask_ratios_follow_the_truncated_normal():
+    model = make_model(mask_min=0.5, mask_std=0.25, image_grid=[8, 8])
+    gen_rows = torch.tensor([True] * 2000 + [False] * 10)
+    torch.manual_seed(0)
+    masked = model.random_mask(gen_rows)
+    counts = masked.sum(1)
+    assert (counts[2000:] == 0).all()  # understanding rows see the clean image
+    ratio = counts[:2000].float() / 64
+    assert ratio.min() >= 0.5 and ratio.max() == 1.0
+    # mean of N(1, 0.25) truncated to [0.5, 1]: 1 - 0.25 * (phi(0) - phi(-2)) / (Phi(0) - Phi(-2)) = 0.825
+    assert abs(ratio.mean().item() - 0.825) < 0.02
+    torch.manual_seed(0)
+    assert torch.equal(model.random_mask(gen_rows), masked)  # global RNG: a seeded run is reproducible
+    assert (make_model(mask_min=0.0, mask_std=1.0).random_mask(torch.ones(500, dtype=torch.bool)).sum(1) >= 1).all()
+
+
+def test_forward_under_bf16_autocast(model):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(a_batch(model))
+    assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# image -> text
+# --------------------------------------------------------------------------------------------------
+def caption_prompts(model, n):
+    prefix = [encode_prefix(TOK, CAPTION, "", model.layout), encode_prefix(TOK, QA, "what colour is the circle",
+                                                                           model.layout),
+              encode_prefix(TOK, QA, "what is", model.layout)]
+    return torch.stack(prefix[:n])
+
+
+def test_kv_cache_decoding_equals_full_recomputation(model):
+    images = torch.randn(3, model.layout.num_image_tokens, 3)
+    prompts = caption_prompts(model, 3)
+    args = (images, prompts, gen_config(max_new_tokens=6), S.boi, S.eoi, S.eos)
+    cached = model.generate_text(*args, use_cache=True, pad_id=S.pad)
+    full = model.generate_text(*args, use_cache=False, pad_id=S.pad)
+    assert cached == full and all(len(row) > 0 for row in cached)
+
+
+def test_text_batch_of_different_prompts_equals_each_alone(model):
+    images = torch.randn(3, model.layout.num_image_tokens, 3)
+    prompts = caption_prompts(model, 3)
+    gen = gen_config(max_new_tokens=6)
+    batched = model.generate_text(images, prompts, gen, S.boi, S.eoi, S.eos, pad_id=S.pad)
+    alone = [model.generate_text(images[i:i + 1], prompts[i:i + 1], gen, S.boi, S.eoi, S.eos, pad_id=S.pad)[0]
+             for i in range(3)]
+    assert batched == alone
+
+
+def test_text_sampling_with_row_generators_is_batch_independent(model):
+    images = torch.randn(2, model.layout.num_image_tokens, 3)
+    prompts = caption_prompts(model, 2)
+    gen = gen_config(max_new_tokens=6, text_temperature=1.0, top_k=5, top_p=0.9)
+
+    def seeded(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    batched = model.generate_text(images, prompts, gen, S.boi, S.eoi, S.eos, generator=seeded(1, 2), pad_id=S.pad)
+    second = model.generate_text(images[1:], prompts[1:], gen, S.boi, S.eoi, S.eos, generator=seeded(2),
+                                 pad_id=S.pad)
+    assert batched[1] == second[0]
+
+
+def test_each_row_stops_at_its_eos(model, monkeypatch):
+    """Row 0 emits EOS as its third token, row 1 never: row 0 keeps two tokens, row 1 runs to the end."""
+    real = model.backbone.logits
+    calls = []
+
+    def scripted(h):
+        logits = real(h)
+        logits[..., S.eos] = -1e9
+        if len(calls) == 2:
+            logits[0, ..., S.eos] = 1e9
+        calls.append(1)
+        return logits
+
+    monkeypatch.setattr(model.backbone, "logits", scripted)
+    out = model.generate_text(torch.randn(2, model.layout.num_image_tokens, 3), caption_prompts(model, 2),
+                              gen_config(max_new_tokens=5), S.boi, S.eoi, S.eos, pad_id=S.pad)
+    assert len(out[0]) == 2 and len(out[1]) == 5 and S.eos not in out[0] + out[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# text -> image
+# --------------------------------------------------------------------------------------------------
+def test_cosine_schedule_of_known_tokens():
+    for n, k in [(16, 4), (64, 8), (5, 5), (256, 64), (4, 1)]:
+        known = [cosine_known(step, k, n) for step in range(k)]
+        assert known[-1] == n and known[0] >= 1
+        assert all(b > a for a, b in zip(known, known[1:]))  # at least one new token every step
+    # 1 - cos(pi/2 * (k+1)/K) of 256 tokens after each of 8 steps
+    assert [cosine_known(s, 8, 256) for s in range(8)] == [4, 19, 43, 74, 113, 158, 206, 256]
+
+
+def t2i_prompts(model):
+    lay = model.layout
+    cond = torch.stack([encode_prefix(TOK, T2I, "a red circle at the top", lay),
+                        encode_prefix(TOK, T2I, "blue square", lay)])
+    uncond = torch.stack([encode_prefix(TOK, UNCOND, "", lay)] * 2)
+    return cond, uncond
+
+
+def seeded(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_same_seed_same_image_and_batch_equals_alone(model, sampler):
+    cond, uncond = t2i_prompts(model)
+    gen = gen_config(cfg=3.0, sampler=sampler)
+    a = model.generate_images(cond, uncond, gen, S.boi, seeded(10, 11), pad_id=S.pad)
+    b = model.generate_images(cond, uncond, gen, S.boi, seeded(10, 11), pad_id=S.pad)
+    assert a.shape == (2, model.layout.num_image_tokens, 3) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    alone = model.generate_images(cond[1:], uncond[1:], gen, S.boi, seeded(11), pad_id=S.pad)
+    torch.testing.assert_close(a[1:], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a, model.generate_images(cond, uncond, gen, S.boi, seeded(12, 13), pad_id=S.pad))
+
+
+def test_cfg_one_is_exactly_the_conditional_path(model):
+    cond, uncond = t2i_prompts(model)
+    plain = model.generate_images(cond, None, gen_config(cfg=1.0), S.boi, seeded(1, 2), pad_id=S.pad)
+    with_uncond = model.generate_images(cond, uncond, gen_config(cfg=1.0), S.boi, seeded(1, 2), pad_id=S.pad)
+    guided = model.generate_images(cond, uncond, gen_config(cfg=4.0), S.boi, seeded(1, 2), pad_id=S.pad)
+    assert torch.equal(plain, with_uncond)
+    assert not torch.allclose(plain, guided)
+
+
+def test_generated_tokens_depend_on_the_prompt(model):
+    cond, _ = t2i_prompts(model)
+    swapped = model.generate_images(cond.flip(0), None, gen_config(), S.boi, seeded(1, 1), pad_id=S.pad)
+    same = model.generate_images(cond, None, gen_config(), S.boi, seeded(1, 1), pad_id=S.pad)
+    assert not torch.allclose(swapped[0], same[0])
+    torch.testing.assert_close(swapped[0], same[1], atol=1e-5, rtol=1e-5)
