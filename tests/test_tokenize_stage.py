@@ -100,6 +100,27 @@ def test_output_does_not_depend_on_worker_count(tmp_path):
     assert one["text_tokenizer"]["hash"] == two["text_tokenizer"]["hash"]
 
 
+@pytest.mark.slow  # diffusers import + a small VAE on CPU
+def test_vae_tokens_with_flip_in_two_workers(tmp_path):
+    from test_tokenizers import save_tiny_vae
+
+    vae = save_tiny_vae(tmp_path / "vae")
+    ok("--out", tmp_path / "o", "--workers", 2, "shapes.num_train=24", "shapes.num_val=0", "shapes.num_test=0",
+       "shard_size=10", "image_tokenizer.kind=vae", f"image_tokenizer.vae_path={vae}",
+       "image_tokenizer.patch_size=2", "image_tokenizer.flip=true")
+    m = shards.read_manifest(tmp_path / "o" / "train", verify=True)
+    assert m["samples"] == 24 and len(m["shards"]) == 3
+    assert m["tokens"] == {"shape": [64, 16], "dtype": "float16", "flip": True}
+    spec = m["image_tokenizer"]["spec"]
+    assert spec["vae_path"] == vae and spec["vae_scale"] > 0 and spec["downsample"] == 2
+    got = decoded(tmp_path / "o" / "train")
+    tokens = np.stack([s["tokens"] for s in got]).astype(np.float32)
+    assert 0.8 < tokens.std() < 1.2  # the measured scale makes the latents unit-variance
+    assert not np.array_equal(got[0]["flip"], got[0]["tokens"]) and got[0]["flip"].shape == (64, 16)
+    _, image_tok = shards.load_tokenizers(tmp_path / "o" / "train")
+    assert image_tok.decode(got[0]["tokens"][None]).shape == (1, 32, 32, 3)
+
+
 # --------------------------------------------------------------------------------------------------
 # User inputs
 # --------------------------------------------------------------------------------------------------

@@ -77,17 +77,21 @@ def test_pca_dim_cannot_exceed_patch_values():
         build_image_tokenizer(image_cfg(kind="pca", patch_size=8, pca_dim=300), 32, shapes("train", 4))
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
+def save_tiny_vae(path) -> str:
+    """A random-weight AutoencoderKL with one 2x downsampling and 4 latent channels, saved as diffusers does."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
                         layers_per_block=1)
-    path = tmp_path_factory.mktemp("tiny-vae")
     vae.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    return save_tiny_vae(tmp_path_factory.mktemp("tiny-vae"))
 
 
 @pytest.mark.slow  # importing diffusers takes ~8 s
