@@ -34,13 +34,14 @@ from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, comm
 from mmar_cli.config import TokenizeConfig
 from mmar_cli.data import shards, sources
 from mmar_cli.errors import UserError
-from mmar_cli.tokenizers.image import build_image_tokenizer, load_image_tokenizer
+from mmar_cli.tokenizers.image import IMAGE_TOKENIZER_FILE, build_image_tokenizer, load_image_tokenizer
 from mmar_cli.tokenizers.text import TEXT_TOKENIZER_FILE, build_text_tokenizer
 
 SCHEMA = TokenizeConfig
 FIT_IMAGES = 512  # training images that fit the pca basis / measure the vae scale
 ENCODE_BATCH = 64
-OUR_FILES = ("*.tar", "*.tar.tmp", "*.json", "*.json.tmp", TEXT_TOKENIZER_FILE, "image_tokenizer.safetensors")
+OUR_FILES = ("*.tar", "*.tar.tmp", shards.MANIFEST, shards.SIZES, f"{shards.MANIFEST}.tmp", f"{shards.SIZES}.tmp",
+             TEXT_TOKENIZER_FILE, IMAGE_TOKENIZER_FILE)  # what --overwrite may delete
 
 
 # --------------------------------------------------------------------------------------------------
