@@ -107,6 +107,8 @@ class TrainModule(L.LightningModule):
             self.ema.to(self.device)
 
     def on_train_start(self):
+        if self.global_rank != 0:  # the saved counters are totals over ranks: rank 0 carries them on
+            self.counts = {k: 0 for k in COUNTERS}
         if self.resume_state is not None:
             self.trainer.strategy.load_optimizer_state_dict({"optimizer_states": [self.resume_state["optimizer"]]})
             self.lr_schedulers().load_state_dict(self.resume_state["scheduler"])
@@ -144,7 +146,9 @@ class TrainModule(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("step", float(self.step))
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        # here rather than in on_train_batch_end, which runs after the callbacks (the checkpoint writer)
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.model)
 

@@ -1,0 +1,200 @@
+"""`mmar pretrain` / `mmar finetune` end to end on tiny shards: checkpoints, exact resume after SIGKILL,
+finetune from a pretrain checkpoint, DDP on 2 CPU processes, and every bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_datamodule import make_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.width=64", "model.depth=2", "model.heads=2", "model.kv_heads=1", "model.mlp_hidden=128",
+        "model.diffusion.width=64", "model.diffusion.depth=1", "trainer.accelerator=cpu",
+        "trainer.precision=32", "trainer.batch_size=4", "trainer.sample_every=0", "trainer.log_every=1",
+        "optim.warmup_steps=2", "val_data=null"]
+
+
+def mmar(stage, *args, check=True, **kw):
+    cmd = [sys.executable, "-m", f"stages.{stage}", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards") / "train", num_shards=2, per_shard=16)
+
+
+def weights(path, name="model.safetensors"):
+    return load_file(str(Path(path, name)))
+
+
+def assert_same(a, b, tol=1e-6):
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= tol, worst
+
+
+@pytest.mark.slow
+def test_pretrain_writes_the_checkpoint_layout(shards, tmp_path):
+    out = tmp_path / "run"
+    mmar("pretrain", "--data", str(shards), "--out", str(out), "--max-steps", "4", "trainer.ckpt_every=2",
+         "trainer.keep_last=1", *TINY)
+    assert sorted(p.name for p in out.iterdir()) >= ["config.yaml", "final", "logs", "samples", "step-00000002"]
+    final = sorted(p.name for p in (out / "final").iterdir())
+    assert final == ["COMPLETE", "command.txt", "config.yaml", "ema.safetensors", "manifest.json",
+                     "model.safetensors", "trainer.pt"]
+    state = torch.load(out / "final" / "trainer.pt", weights_only=True)
+    assert state["step"] == 4 and state["data"]["batches_per_rank"] == 4
+    assert "vocab_size: 264" in (out / "final" / "config.yaml").read_text()  # filled from the shards
+    assert (out / "samples" / "final.png").is_file() and "caption:" in (out / "samples" / "final.txt").read_text()
+    assert "train/loss_img" in (out / "logs" / "metrics.csv").read_text()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(shards, tmp_path):
+    args = ["--data", str(shards), "--max-steps", "14", "trainer.ckpt_every=2", "trainer.keep_last=10",
+            "trainer.num_workers=1", *TINY]
+    mmar("pretrain", "--out", str(tmp_path / "straight"), *args)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "stages.pretrain", "--out", str(out), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "step-00000004" / "COMPLETE"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (out / "final").exists(), "the run was not killed mid-way"
+
+    resumed = mmar("pretrain", "--out", str(out), "--resume", "auto", *args)
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert_same(weights(tmp_path / "straight" / "final"), weights(out / "final"))
+    assert_same(weights(tmp_path / "straight" / "final", "ema.safetensors"), weights(out / "final", "ema.safetensors"))
+
+
+@pytest.mark.slow
+def test_finetune_from_pretrain_with_frozen_backbone(shards, tmp_path):
+    pre = tmp_path / "pre"
+    mmar("pretrain", "--data", str(shards), "--out", str(pre), "--max-steps", "2", *TINY)
+    ft = tmp_path / "ft"
+    mmar("finetune", "--init", str(pre / "final"), "--data", str(shards), "--out", str(ft), "--max-steps", "2",
+         "optim.freeze_backbone=true", "model.width=999", *TINY)  # the architecture comes from init
+    a, b = weights(pre / "final"), weights(ft / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("backbone."))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("head."))
+    assert "mask_min: 0.0" in (ft / "final" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(shards, tmp_path):
+    out = tmp_path / "ddp"
+    mmar("pretrain", "--data", str(shards), "--out", str(out), "--max-steps", "3", "trainer.strategy=ddp",
+         "trainer.devices=2", "trainer.log_keys=true", "trainer.num_workers=0", *TINY)
+    seen = [set((out / f"keys-rank{r}.txt").read_text().split()) for r in range(2)]
+    assert len(seen[0]) >= 4 and len(seen[1]) >= 4 and not seen[0] & seen[1]
+    state = torch.load(out / "final" / "trainer.pt", weights_only=True)
+    assert state["step"] == 3 and state["data"]["world_size"] == 2
+    assert len(weights(out / "final")) > 0 and not list(out.glob(".tmp-*"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+def run_in_process(*overrides, stage="pretrain", overwrite=False):
+    from mmar_cli.config import TrainConfig, load_config
+    from stages import finetune, pretrain, train_common
+
+    defaults = {"pretrain": pretrain, "finetune": finetune}[stage].DEFAULTS
+    cfg = load_config(TrainConfig, overrides=[*TINY, *overrides], defaults=defaults)
+    return train_common.run(cfg, stage, overwrite=overwrite)
+
+
+def test_missing_or_empty_data_is_refused(tmp_path):
+    from mmar_cli.errors import UserError
+
+    with pytest.raises(UserError, match="not found"):
+        run_in_process(f"data={tmp_path / 'nope'}", f"out={tmp_path / 'o'}")
+    (tmp_path / "nomanifest").mkdir()
+    with pytest.raises(UserError, match="no manifest.json"):
+        run_in_process(f"data={tmp_path / 'nomanifest'}", f"out={tmp_path / 'o'}")
+    empty = make_shards(tmp_path / "empty", num_shards=0)
+    with pytest.raises(UserError, match="lists no shards"):
+        run_in_process(f"data={empty}", f"out={tmp_path / 'o'}")
+
+
+def test_val_data_from_another_tokenizer_names_both_hashes(shards, tmp_path):
+    from mmar_cli.errors import UserError
+
+    other = make_shards(tmp_path / "other", num_shards=1, patch=2)  # 4x4 patches: another image tokenizer
+    with pytest.raises(UserError) as e:
+        run_in_process(f"data={shards}", f"val_data={other}", f"out={tmp_path / 'o'}")
+    msg = str(e.value)
+    assert "image tokenizer mismatch" in msg and str(shards) in msg and str(other) in msg
+    assert msg.count("(patch") == 2  # both hashes with their kinds
+
+
+@pytest.mark.slow
+def test_finetune_init_from_another_tokenizer_is_refused(shards, tmp_path):
+    from mmar_cli.errors import UserError
+
+    pre = tmp_path / "pre"
+    run_in_process(f"data={shards}", f"out={pre}", "trainer.max_steps=1")
+    other = make_shards(tmp_path / "other", num_shards=1, patch=2)
+    with pytest.raises(UserError, match="image tokenizer mismatch") as e:
+        run_in_process(f"data={other}", f"init={pre / 'final'}", f"out={tmp_path / 'ft'}", stage="finetune")
+    assert "init checkpoint" in str(e.value)
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        run_in_process(f"data={shards}", f"init={tmp_path / 'none'}", f"out={tmp_path / 'ft'}", stage="finetune")
+
+
+@pytest.mark.slow
+def test_used_output_directory_is_refused_unless_resume_or_overwrite(shards, tmp_path):
+    from mmar_cli.errors import UserError
+
+    out = tmp_path / "run"
+    run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=1")
+    with pytest.raises(UserError, match="already holds a run"):
+        run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=1")
+    assert run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=1", "resume=auto") == out / "final"
+    assert run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=2", overwrite=True) == out / "final"
+    assert torch.load(out / "final" / "trainer.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    from mmar_cli.errors import UserError
+    from mmar_cli.model.mmar import MMAR
+
+    forward = MMAR.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch, *a, **kw):
+        out = forward(self, batch, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MMAR, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="non-finite at step 3") as e:
+        run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=10", "trainer.ckpt_every=2")
+    assert "step-00000002" in str(e.value)
+    assert (out / "step-00000002" / "COMPLETE").exists() and not (out / "final").exists()
+
+
+def test_cli_error_is_one_line(tmp_path):
+    proc = mmar("pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
