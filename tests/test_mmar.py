@@ -258,3 +258,14 @@ def test_generated_tokens_depend_on_the_prompt(model):
     same = model.generate_images(cond, None, gen_config(), S.boi, seeded(1, 1), pad_id=S.pad)
     assert not torch.allclose(swapped[0], same[0])
     torch.testing.assert_close(swapped[0], same[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_without_a_task_still_reaches_every_head(model):
+    """DDP needs a gradient (zero) for every parameter even when a batch has no generation rows."""
+    model.zero_grad()
+    model(a_batch(model, (CAPTION,)))["loss"].backward()
+    assert torch.equal(model.head.out.weight.grad, torch.zeros_like(model.head.out.weight))
+    model.zero_grad()
+    model(a_batch(model, (T2I,)))["loss"].backward()
+    assert model.backbone.lm_head.weight.grad is not None
+    model.zero_grad()

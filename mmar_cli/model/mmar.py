@@ -125,7 +125,8 @@ def _sample_text(logits: torch.Tensor, gen, gens: list) -> torch.Tensor:
         drop = probs.cumsum(-1) - probs > gen.top_p  # keep the smallest set whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
+    return torch.cat([torch.multinomial(probs[i].to(_device(g, probs.device)), 1, generator=g).to(probs.device)
+                      for i, g in enumerate(gens)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,14 +206,16 @@ class MMAR(nn.Module):
         rows = torch.arange(B, device=ids.device)[:, None].expand_as(masked)[masked]
         z = self.vis_proj(h[:, lay.image_start:lay.image_end][masked])
         tok_loss = self.diffusion.loss(self.head, tokens[masked], z, self.cfg.diffusion.batch_mul)
-        loss_img = tok_loss.mean() if tok_loss.numel() else h.new_zeros((), dtype=torch.float32)
+        # sum/count rather than mean: a batch without such tokens still gives every parameter a (zero)
+        # gradient, which DDP requires
+        loss_img = tok_loss.sum() / max(tok_loss.numel(), 1)
         row_img = _per_row_mean(tok_loss, rows, B)
 
         # text loss on supervised positions (position t predicts token t+1)
         targets = batch["text_targets"]
         sup = targets != IGNORE
         ce = F.cross_entropy(self.backbone.logits(h[sup]).float(), targets[sup], reduction="none")
-        loss_txt = ce.mean() if ce.numel() else h.new_zeros((), dtype=torch.float32)
+        loss_txt = ce.sum() / max(ce.numel(), 1)
         row_txt = _per_row_mean(ce, torch.arange(B, device=ids.device)[:, None].expand_as(sup)[sup], B)
 
         out = {"loss": w_img * loss_img + w_txt * loss_txt, "loss_img": loss_img, "loss_txt": loss_txt}
