@@ -15,11 +15,11 @@ TINY_MODEL = ["model.width=64", "model.depth=2", "model.heads=2", "model.kv_head
               "model.diffusion.width=64", "model.diffusion.depth=1"]
 
 
-def make_data(root: Path, num_test: int = 16) -> Path:
+def make_data(root: Path, num_test: int = 16, overrides=()) -> Path:
     from stages import tokenize
 
     cfg = load_config(TokenizeConfig, overrides=[f"out={root}", "shapes.num_train=64", "shapes.num_val=0",
-                                                 f"shapes.num_test={num_test}"])
+                                                 f"shapes.num_test={num_test}", *overrides])
     tokenize.run(cfg)
     return root
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -94,8 +95,10 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     from cleanfid.fid import frechet_distance as clean_frechet
 
     stats = [(f.mean(axis=0), np.cov(f, rowvar=False)) for f in (feats_a, feats_b)]
-    # clean-fid prints a note when it regularises a singular covariance (few samples); keep stdout clean.
-    with contextlib.redirect_stdout(io.StringIO()):
+    # With fewer samples than features the covariances are singular: clean-fid regularises them and says
+    # so on stdout and in warnings; the report's note about the sample count covers it.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         value = clean_frechet(stats[0][0], stats[0][1], stats[1][0], stats[1][1])
     return max(float(value), 0.0)  # round-off makes identical sets come out a hair below zero
 

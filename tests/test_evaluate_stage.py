@@ -1,0 +1,112 @@
+"""`mmar evaluate`: the metrics on true images, metrics.json's provenance, thresholds, bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mmar_cli.app import app
+from mmar_cli.config import EvaluateConfig, load_config
+from mmar_cli.data.shards import load_tokenizers
+from mmar_cli.errors import UserError
+from mmar_cli.metrics import fid
+from stages import evaluate
+from tiny_checkpoint import make_checkpoint, make_data
+
+FAST = ["gen.iterations=2", "gen.diffusion_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    data = make_data(root / "data", num_test=12)
+    return data, make_checkpoint(data, root / "run")
+
+
+def mmar(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_true_images_score_full_marks_and_zero_fid(setup):
+    data, _ = setup
+    samples = evaluate.read_heldout(data / "test", 12)
+    _, image_tok = load_tokenizers(data / "test")
+    truth = image_tok.decode(torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.float32)))
+    expected = [evaluate.expected_attributes(s) for s in samples]
+    scores = evaluate.checker_accuracy(truth, expected, "gen.checker")
+    assert scores == {f"gen.checker.{k}": 1.0 for k in ["shape", "colour", "size", "position", "all"]}
+    same = fid.fid(truth, truth, fid.feature_extractor(None, torch.device("cpu")))
+    assert same["value"] < 1e-6
+    captions = evaluate.caption_accuracy([s["caption"] for s in samples], samples)
+    assert captions["und.caption.exact"] == 1.0 and captions["und.caption.all"] == 1.0
+
+
+def test_metrics_json_records_how_every_figure_was_computed(setup, tmp_path):
+    data, ckpt = setup
+    out = tmp_path / "ev"
+    code, stdout, err = mmar("evaluate", "--ckpt", ckpt, "--data", data / "test", "--out", out, "-n", "6",
+                             "--seed", "5", "--cfg", "2", *FAST)
+    assert code == 0, err
+    assert "gen.fid_proxy" in stdout and "not comparable" in err
+    result = json.loads((out / "metrics.json").read_text())
+    expected = {f"{g}.{k}" for g in ("gen.checker", "ref.checker", "und.caption")
+                for k in ("shape", "colour", "size", "position", "all")}
+    expected |= {"gen.fid_proxy", "und.caption.exact", "und.qa.exact", "tok.psnr", "tok.ssim"}
+    assert set(result["metrics"]) == expected
+    assert result["metrics"]["tok.psnr"] == "inf" and result["metrics"]["tok.ssim"] == pytest.approx(1.0)
+    assert result["metrics"]["ref.checker.all"] == 1.0
+    manifest_sha = result["reference"]["manifest_sha256"]
+    for name, p in result["provenance"].items():
+        assert p["evaluator"] and p["mmar_version"] and p["num_samples"] == 6, name
+        assert p["checkpoint_sha256"] == result["checkpoint"]["sha256"], name
+        assert p["settings"]["seed"] == 5 and p["settings"]["weights"] == "ema", name
+        assert p["reference"].get("manifest_sha256", manifest_sha) == manifest_sha or name.startswith("tok."), name
+    g = result["provenance"]["gen.checker.all"]["settings"]
+    assert (g["cfg"], g["temperature"], g["iterations"], g["diffusion_steps"], g["sampler"]) == \
+        (2.0, 1.0, 2, 2, "ddim")
+    assert "clean-fid" in result["versions"] and "torchmetrics" in result["provenance"]["tok.psnr"]["evaluator"]
+    assert "biased" in result["provenance"]["gen.fid_proxy"]["note"]
+    report = (out / "report.md").read_text()
+    assert "![generated grid](generated_grid.png)" in report and "images/gen-005.png" in report
+    assert (out / "generated_grid.png").is_file() and (out / "images" / "true-000.png").is_file()
+
+
+def test_thresholds_fail_the_run_naming_metric_value_and_minimum(setup, tmp_path):
+    data, ckpt = setup
+    thresholds = tmp_path / "t.yaml"
+    thresholds.write_text("ref.checker.all: 0.5\ntok.ssim: 2.0\n")
+    code, _, err = mmar("evaluate", "--ckpt", ckpt, "--data", data / "test", "--out", tmp_path / "ev", "-n", "2",
+                        "--thresholds", thresholds, "fid=false", *FAST)
+    assert code == 1
+    assert "tok.ssim = 1 is below the minimum 2.0" in err and "ref.checker.all" not in err
+
+
+def test_check_thresholds_min_max_and_unknown_names(tmp_path):
+    t = tmp_path / "t.yaml"
+    t.write_text("a: 0.5\nb: {max: 10}\n")
+    assert evaluate.check_thresholds({"a": 0.7, "b": 3.0}, t) == []
+    assert evaluate.check_thresholds({"a": 0.2, "b": 30.0}, t) == ["a = 0.2 is below the minimum 0.5",
+                                                                   "b = 30 is above the maximum 10"]
+    assert evaluate.check_thresholds({"a": math.inf, "b": 1.0}, t) == []
+    with pytest.raises(UserError, match="'b' was not computed"):
+        evaluate.check_thresholds({"a": 1.0}, t)
+
+
+def test_data_from_other_tokenizers_is_refused(setup, tmp_path):
+    _, ckpt = setup
+    other = make_data(tmp_path / "other", num_test=2, overrides=["text_tokenizer.vocab_size=128"])
+    cfg = load_config(EvaluateConfig, overrides=[f"ckpt={ckpt}", f"data={other / 'test'}", f"out={tmp_path}"])
+    with pytest.raises(UserError, match="does not match data.*text tokenizer mismatch"):
+        evaluate.run(cfg)
+
+
+def test_bad_fid_weights_fail_before_generating(setup, tmp_path):
+    data, ckpt = setup
+    code, _, err = mmar("evaluate", "--ckpt", ckpt, "--data", data / "test", "--out", tmp_path,
+                        "--fid-weights", tmp_path / "nope.pt")
+    assert code == 2 and "nope.pt does not exist" in err
+    assert not (tmp_path / "metrics.json").exists()
