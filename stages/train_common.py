@@ -18,6 +18,7 @@ import typer
 import webdataset as wds
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -81,12 +82,13 @@ def model_config(cfg, tok, image_tok, init_cfg=None):
 
 
 def _prepare_out(out: Path, resume: Optional[str], overwrite: bool) -> Optional[Path]:
-    """The checkpoint to resume from (or None), after refusing to mix two runs in one directory."""
+    """The checkpoint to resume from (or None), after refusing to mix two runs in one directory.
+    Only rank 0 checks and cleans: the other ranks start once it has begun writing there."""
     if resume:
         found = ckpt.find_resume(out, resume)
         if found is not None:
             return found
-    if ckpt.run_in_use(out) and not resume:
+    if rank_zero_only.rank == 0 and ckpt.run_in_use(out) and not resume:
         if not overwrite:
             raise UserError(f"{out} already holds a run (config.yaml or checkpoints); pass --resume auto to "
                             "continue it, --overwrite to replace it, or another --out")
@@ -143,9 +145,10 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
             module.ema.load_state_dict(ckpt.load_weights(resume_from, ema=True))
         ckpt.set_rng_state(state["rng"])
 
-    out.mkdir(parents=True, exist_ok=True)
     config_yaml = to_yaml(cfg)
-    (out / "config.yaml").write_text(config_yaml)
+    if rank_zero_only.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml)
     data = ShardDataModule(shards, tok, model.layout, cfg, start_batch=start)
     callbacks = [
         RichProgressBar(),
