@@ -124,15 +124,23 @@ def _fail_if_strict(skipped: list, strict: bool) -> None:
         raise UserError(f"{file}: {reason} (--strict stops at the first bad input)")
 
 
-def _fit_images(records: list, image_size: int) -> np.ndarray:
-    images = []
+def _no_usable_samples(input: str, split: Optional[str], skipped: list) -> UserError:
+    reasons = "; ".join(f"{file}: {reason}" for file, reason in skipped[:3])
+    return UserError(f"input {input}{f' ({split} split)' if split else ''}: no usable samples"
+                     + (f" ({len(skipped)} skipped, e.g. {reasons})" if skipped else ""))
+
+
+def _fit_images(records: list, image_size: int, input: str) -> np.ndarray:
+    images, skipped = [], []
     for record in records:
         if len(images) == FIT_IMAGES:
             break
         try:
             images.append(sources.load_record(record, image_size)["image"])
-        except sources.BadInput:
-            continue  # counted when its chunk is tokenized
+        except sources.BadInput as bad:  # counted again when its chunk is tokenized
+            skipped.append((bad.file, bad.reason))
+    if not images:
+        raise _no_usable_samples(input, None, skipped)
     return np.stack(images)
 
 
@@ -174,15 +182,13 @@ def run(cfg) -> List[dict]:
     for split, (records, skipped) in splits.items():
         _fail_if_strict(skipped, cfg.strict)
         if not records:
-            reasons = "; ".join(f"{f}: {r}" for f, r in skipped[:3])
-            raise UserError(f"input {cfg.input}{f' ({split} split)' if split else ''}: no usable samples"
-                            + (f" ({len(skipped)} skipped, e.g. {reasons})" if skipped else ""))
+            raise _no_usable_samples(cfg.input, split, skipped)
     for directory in dirs.values():
         _prepare_output(directory, cfg.overwrite)
 
     first = next(iter(splits))
     image_tok = build_image_tokenizer(cfg.image_tokenizer, cfg.image_size,
-                                      _fit_images(splits[first][0], cfg.image_size)
+                                      _fit_images(splits[first][0], cfg.image_size, cfg.input)
                                       if cfg.image_tokenizer.kind != "patch" else None)
     text_tok, summaries = None, []
     for split, (records, skipped) in splits.items():
@@ -197,8 +203,7 @@ def run(cfg) -> List[dict]:
         skipped = skipped + [s for r in results for s in r["skipped"]]
         written = [r["shard"] for r in results if r["shard"] is not None]
         if not written:
-            raise UserError(f"input {cfg.input}: no usable samples ({len(skipped)} skipped, e.g. "
-                            f"{skipped[0][0]}: {skipped[0][1]})")
+            raise _no_usable_samples(cfg.input, split, skipped)
         if text_tok is None:  # fitted on the first (training) split only, then reused as is
             text_tok = build_text_tokenizer(cfg.text_tokenizer, (t for r in results for t in r["texts"]))
         shards.save_tokenizers(directory, text_tok, image_tok)
