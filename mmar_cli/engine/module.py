@@ -126,7 +126,7 @@ class TrainModule(L.LightningModule):
         loss = out["loss"]
         finite = bool(torch.isfinite(loss.detach()))
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            raise NonFiniteLoss(self.step, {k: float(v) for k, v in out.items() if k.startswith("loss")})
+            raise NonFiniteLoss(self.step, {k: float(v.detach()) for k, v in out.items() if k.startswith("loss")})
         self._log_step(out, batch)
         return loss
 
