@@ -16,6 +16,11 @@ def _renders(image_size, max_shapes, n):
     return [s["image"] for s in samples], [s["attributes"] for s in samples]
 
 
+def _accuracy(images, expected):
+    scores = [checker.score(image, attrs) for image, attrs in zip(images, expected)]
+    return {key: float(np.mean([s[key] for s in scores])) for key in checker.ATTRIBUTES + ["all"]}
+
+
 def _report(name, acc):
     print(f"\nchecker {name}: " + " ".join(f"{k}={v:.4f}" for k, v in acc.items()))
 
@@ -23,7 +28,7 @@ def _report(name, acc):
 @pytest.mark.parametrize("image_size", [32, pytest.param(64, marks=pytest.mark.slow)])
 def test_accuracy_on_true_renders_one_shape(image_size):
     images, expected = _renders(image_size, 1, 2000)
-    acc = checker.accuracy(images, expected)
+    acc = _accuracy(images, expected)
     _report(f"{image_size}px one shape", acc)
     assert acc["all"] >= 0.99
     assert min(acc.values()) >= 0.99
@@ -32,7 +37,7 @@ def test_accuracy_on_true_renders_one_shape(image_size):
 def test_accuracy_on_true_renders_two_shapes():
     images, expected = _renders(32, 2, 1000)
     assert sum(len(e) == 2 for e in expected) > 400
-    acc = checker.accuracy(images, expected)
+    acc = _accuracy(images, expected)
     _report("32px up to two shapes", acc)
     assert acc["all"] >= 0.99
 
@@ -44,7 +49,7 @@ def _noisy(images, std, seed=0):
 
 def test_accuracy_under_mild_noise():
     images, expected = _renders(32, 2, 1000)
-    acc = checker.accuracy(_noisy(images, 8), expected)
+    acc = _accuracy(_noisy(images, 8), expected)
     _report("32px up to two shapes, noise std 8/255", acc)
     assert acc["all"] >= 0.99
 
@@ -59,7 +64,7 @@ def test_accuracy_on_degraded_renders(degrade):
     else:
         images = [ndimage.gaussian_filter(im.astype(np.float32), (1, 1, 0)).round().astype(np.uint8)
                   for im in images]
-    acc = checker.accuracy(images, expected)
+    acc = _accuracy(images, expected)
     _report(f"32px up to two shapes, {degrade}", acc)
     assert acc["all"] >= 0.97
 
@@ -84,6 +89,10 @@ def test_score_is_order_independent_and_per_attribute():
     # Only one shape drawn where two are expected: the missing one is wrong on everything.
     single = shapes.render(attrs[:1], "black", 32)
     assert checker.score(single, attrs)["all"] is False
+    assert checker.match([attrs[1]], attrs) == {"shape": False, "colour": False, "size": False,
+                                                "position": False, "all": False}
+    # Extra shapes beyond the expected ones are ignored.
+    assert checker.match(attrs, attrs[:1])["all"] is True
 
 
 @pytest.mark.parametrize("image", [
@@ -104,5 +113,9 @@ def test_images_without_a_shape_get_a_best_guess(image):
 
 
 def test_read_rejects_non_images():
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ValueError, match="square uint8"):
         checker.read(np.zeros((32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="square uint8"):
+        checker.read(np.zeros((32, 48, 3), np.uint8))
+    with pytest.raises(ValueError, match="at least one expected shape"):
+        checker.score(np.zeros((32, 32, 3), np.uint8), [])

@@ -39,8 +39,8 @@ def _blobs(image: np.ndarray, max_shapes: int) -> List[np.ndarray]:
     pixels, background = image.astype(np.float32), _background(image)
     # Nearer to a palette colour than to the background: |p - c|^2 < |p - b|^2, where |p|^2 cancels.
     references = np.concatenate([_PALETTE, background[None]])
-    scores = (references ** 2).sum(-1) - 2 * pixels @ references.T
-    foreground = scores[..., :-1].min(-1) < scores[..., -1]
+    scores = (references ** 2).sum(-1)[:, None] - 2 * references @ pixels.reshape(-1, 3).T  # [7, H*W]
+    foreground = (scores[:-1].min(0) < scores[-1]).reshape(image.shape[:2])
     if not foreground.any():  # nothing visible: the best guess is whatever stands out most
         to_background = ((pixels - background) ** 2).sum(-1)
         foreground = to_background >= to_background.max() * 0.25
@@ -92,30 +92,31 @@ def read(image: np.ndarray, max_shapes: int = 1) -> List[Dict[str, str]]:
     Returns at least one guess, largest shape first.
     """
     image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"checker expects a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
+        raise ValueError(f"checker expects a square uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
     return [_read_blob(image, blob) for blob in _blobs(image, max_shapes)]
 
 
-def score(image: np.ndarray, expected: Sequence[dict]) -> Dict[str, bool]:
-    """Whether an image shows the expected shapes: per attribute and `all`, whatever the shapes' order.
+def match(found: Sequence[dict], expected: Sequence[dict]) -> Dict[str, bool]:
+    """Per attribute (and `all`): whether every expected shape is among `found`, whatever the order.
 
-    With two shapes, the read shapes are matched to the expected ones in the order that gets the most
-    attributes right; a shape that was not found counts as wrong on every attribute.
+    Shapes are paired in the order that gets the most attributes right; a missing shape is wrong on
+    every attribute and shapes beyond the expected count are ignored.
     """
-    found: List[Optional[dict]] = list(read(image, max_shapes=len(expected)))
-    found += [None] * (len(expected) - len(found))
+    if not expected:
+        raise ValueError("matching needs at least one expected shape")
+    padded: List[Optional[dict]] = list(found)[: len(expected)]
+    padded += [None] * (len(expected) - len(padded))
 
-    def matches(order) -> np.ndarray:  # [shape, attribute] booleans
+    def hits(order) -> np.ndarray:  # [shape, attribute] booleans
         return np.array([[f is not None and f[a] == e[a] for a in ATTRIBUTES] for f, e in zip(order, expected)])
 
-    best = max((matches(order) for order in itertools.permutations(found)), key=lambda m: m.sum())
+    best = max((hits(order) for order in itertools.permutations(padded)), key=lambda h: h.sum())
     result = {a: bool(best[:, i].all()) for i, a in enumerate(ATTRIBUTES)}
     result["all"] = bool(best.all())
     return result
 
 
-def accuracy(images: Sequence[np.ndarray], expected: Sequence[Sequence[dict]]) -> Dict[str, float]:
-    """Share of images right on each attribute and on all of them (the keys of `score`)."""
-    scores = [score(image, attrs) for image, attrs in zip(images, expected)]
-    return {key: float(np.mean([s[key] for s in scores])) for key in ATTRIBUTES + ["all"]}
+def score(image: np.ndarray, expected: Sequence[dict]) -> Dict[str, bool]:
+    """Whether an image shows the expected shapes: per attribute and `all` (see `match`)."""
+    return match(read(image, max_shapes=max(len(expected), 1)), expected)

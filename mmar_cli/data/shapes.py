@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
+import random
 from functools import lru_cache
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -49,6 +51,7 @@ _COLOUR_NAMES, _BACKGROUND_NAMES = list(COLOURS), list(BACKGROUNDS)
 POSITION_PHRASES = {p: ("in the " if p == "center" else "on the " if p in ("left", "right") else "at the ") + p
                     for p in POSITIONS}
 _PHRASE_TO_POSITION = {phrase: p for p, phrase in POSITION_PHRASES.items()}
+_CELLS = {p: divmod(i, 3) for i, p in enumerate(POSITIONS)}  # (row, col)
 
 # Two-shape images use cells two apart in a row or a column (never neighbours), so the shapes never touch.
 _FAR_PAIRS = [(a, b) for a, b in itertools.combinations(range(9), 2)
@@ -71,7 +74,7 @@ def max_jitter(image_size: int) -> int:
 
 def cell_centre(position: str, image_size: int) -> Tuple[float, float]:
     """(x, y) of a grid cell's centre: 7, 16, 25 at 32 px, so a large shape fits at the edge."""
-    row, col = divmod(POSITIONS.index(position), 3)
+    row, col = _CELLS[position]
     step = image_size * 9 / 32
     return image_size / 2 + (col - 1) * step, image_size / 2 + (row - 1) * step
 
@@ -103,8 +106,8 @@ def _top_left(attr: dict, image_size: int, jitter: Tuple[int, int]) -> Tuple[int
     """(x0, y0, side) of a shape's box; jitter is clamped so the shape stays inside the image."""
     side = size_px(attr["size"], image_size)
     cx, cy = cell_centre(attr["position"], image_size)
-    x0 = int(np.floor(cx + jitter[0] - side / 2 + 0.5))
-    y0 = int(np.floor(cy + jitter[1] - side / 2 + 0.5))
+    x0 = math.floor(cx + jitter[0] - side / 2 + 0.5)
+    y0 = math.floor(cy + jitter[1] - side / 2 + 0.5)
     hi = image_size - side
     return min(max(x0, 0), hi), min(max(y0, 0), hi), side
 
@@ -147,10 +150,10 @@ def parse_caption(caption: str) -> List[dict]:
     return attributes
 
 
-def _question(attributes: Sequence[dict], rng: np.random.Generator) -> Tuple[str, str]:
+def _question(attributes: Sequence[dict], rng: random.Random) -> Tuple[str, str]:
     # Shapes in one image are distinct kinds at distinct positions, so each question has one answer.
-    a = attributes[rng.integers(len(attributes))]
-    kind = rng.integers(4)
+    a = rng.choice(attributes)
+    kind = rng.randrange(4)
     if kind == 0:
         return f"what colour is the {a['shape']}?", a["colour"]
     if kind == 1:
@@ -178,18 +181,18 @@ def _boxes_apart(attributes: Sequence[dict], image_size: int, jitter: Sequence[T
     return gap >= image_size // 16
 
 
-def _draw(rng: np.random.Generator, image_size: int, max_shapes: int):
-    count = int(rng.integers(1, max_shapes + 1))
-    kinds = rng.permutation(len(SHAPES))[:count]
-    cells = [rng.integers(9)] if count == 1 else _FAR_PAIRS[rng.integers(len(_FAR_PAIRS))]
+def _draw(rng: random.Random, image_size: int, max_shapes: int):
+    count = 1 + rng.randrange(max_shapes)
+    first = rng.randrange(len(SHAPES))
+    kinds = [first, (first + 1 + rng.randrange(len(SHAPES) - 1)) % len(SHAPES)][:count]
+    cells = [rng.randrange(9)] if count == 1 else _FAR_PAIRS[rng.randrange(len(_FAR_PAIRS))]
     j = max_jitter(image_size)
-    # One call for every shape's colour, size and jitter: drawing is most of a sample's cost.
-    draws = rng.integers(0, [len(COLOURS), len(SIZES), 2 * j + 1, 2 * j + 1], size=(count, 4)).tolist()
-    attributes = [{"shape": SHAPES[k], "colour": _COLOUR_NAMES[c], "size": SIZES[z], "position": POSITIONS[p]}
-                  for k, p, (c, z, _, _) in zip(kinds, cells, draws)]
-    jitter = [(dx - j, dy - j) for _, _, dx, dy in draws]
-    background = _BACKGROUND_NAMES[rng.integers(len(BACKGROUNDS))]
-    return attributes, background, jitter
+    attributes, jitter = [], []
+    for kind, cell in zip(kinds, cells):
+        attributes.append({"shape": SHAPES[kind], "colour": _COLOUR_NAMES[rng.randrange(len(COLOURS))],
+                           "size": SIZES[rng.randrange(len(SIZES))], "position": POSITIONS[cell]})
+        jitter.append((rng.randint(-j, j), rng.randint(-j, j)))
+    return attributes, _BACKGROUND_NAMES[rng.randrange(len(BACKGROUNDS))], jitter
 
 
 def make_sample(split: str, index: int, seed: int = 0, image_size: int = 32, max_shapes: int = 1) -> dict:
@@ -198,7 +201,9 @@ def make_sample(split: str, index: int, seed: int = 0, image_size: int = 32, max
         raise UserError(f"unknown split {split!r} of the built-in dataset; expected one of {SPLITS}")
     if max_shapes not in (1, 2):
         raise UserError(f"shapes.max_shapes must be 1 or 2, got {max_shapes}")
-    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    # Python's generator: cheap per scalar draw, and a val/test sample draws ~10 times before its
+    # parameters hash into its split. Seeding from a string is stable across platforms and versions.
+    rng = random.Random(f"{seed}-{split}-{index}")
     while True:
         attributes, background, jitter = _draw(rng, image_size, max_shapes)
         if len(attributes) == 2 and not _boxes_apart(attributes, image_size, jitter):
