@@ -53,7 +53,8 @@ POSITION_PHRASES = {p: ("in the " if p == "center" else "on the " if p in ("left
 _PHRASE_TO_POSITION = {phrase: p for p, phrase in POSITION_PHRASES.items()}
 _CELLS = {p: divmod(i, 3) for i, p in enumerate(POSITIONS)}  # (row, col)
 
-# Two-shape images use cells two apart in a row or a column (never neighbours), so the shapes never touch.
+# Two-shape images use cells two apart in a row or a column (never neighbours), and a draw whose jitter
+# still brings the shapes closer than image_size/16 px is redrawn: two shapes never touch.
 _FAR_PAIRS = [(a, b) for a, b in itertools.combinations(range(9), 2)
               if max(abs(a // 3 - b // 3), abs(a % 3 - b % 3)) == 2]
 # Hash bucket (out of 10) -> split: 80 % train, 10 % val, 10 % test of the parameter space.
@@ -69,6 +70,7 @@ def size_px(size: str, image_size: int) -> int:
 
 
 def max_jitter(image_size: int) -> int:
+    """Largest shift (pixels, each axis) from a cell's centre: 2 at 32 px."""
     return image_size // 16
 
 
