@@ -45,6 +45,7 @@ def test_true_images_score_full_marks_and_zero_fid(setup):
     assert captions["und.caption.exact"] == 1.0 and captions["und.caption.all"] == 1.0
 
 
+@pytest.mark.slow
 def test_metrics_json_records_how_every_figure_was_computed(setup, tmp_path):
     data, ckpt = setup
     out = tmp_path / "ev"
@@ -75,6 +76,7 @@ def test_metrics_json_records_how_every_figure_was_computed(setup, tmp_path):
     assert (out / "generated_grid.png").is_file() and (out / "images" / "true-000.png").is_file()
 
 
+@pytest.mark.slow
 def test_thresholds_fail_the_run_naming_metric_value_and_minimum(setup, tmp_path):
     data, ckpt = setup
     thresholds = tmp_path / "t.yaml"
@@ -96,6 +98,7 @@ def test_check_thresholds_min_max_and_unknown_names(tmp_path):
         evaluate.check_thresholds({"a": 1.0}, t)
 
 
+@pytest.mark.slow
 def test_data_from_other_tokenizers_is_refused(setup, tmp_path):
     _, ckpt = setup
     other = make_data(tmp_path / "other", num_test=2, overrides=["text_tokenizer.vocab_size=128"])

@@ -46,6 +46,7 @@ def mmar(*args):
     return result.exit_code, result.stdout, result.stderr
 
 
+@pytest.mark.slow
 def test_fixed_seed_gives_the_same_images_whatever_the_batch_size(model):
     a = model.text_to_image(PROMPTS * 2, gen(), seed=3, batch_size=4)
     b = model.text_to_image(PROMPTS * 2, gen(), seed=3, batch_size=1)
@@ -56,6 +57,7 @@ def test_fixed_seed_gives_the_same_images_whatever_the_batch_size(model):
     assert not np.array_equal(a[0], a[2])  # same prompt, another row: another image
 
 
+@pytest.mark.slow
 def test_cfg_scale_one_is_the_conditional_path(model):
     s = model.text_tok.specials
     prefix, uncond = model.encode(T2I, PROMPTS), model.encode(UNCOND, ["", ""])
@@ -74,7 +76,7 @@ def test_kv_cached_and_uncached_decoding_agree(model, text_temperature):
     images = torch.randn(3, *model.image_tok.encode(np.zeros((1, 32, 32, 3), np.uint8)).shape[1:])
     prefix = model.encode(CAPTION, ["", "", ""])
     g = gen(text_temperature=text_temperature, top_k=20)
-    out = [model.model.generate_text(images, prefix, g, s.boi, s.eoi, s.eos, use_cache, 
+    out = [model.model.generate_text(images, prefix, g, s.boi, s.eoi, s.eos, use_cache,
                                      [torch.Generator().manual_seed(i) for i in range(3)], pad_id=s.pad)
            for use_cache in (True, False)]
     assert out[0] == out[1]
