@@ -22,7 +22,7 @@ SCHEMA = TrainConfig
 DEFAULTS = {"out": "runs/finetune", "init": "runs/pretrain/final", "model": {"mask_min": 0.0},
             "tasks": {"t2i": 0.4, "i2t": 0.5, "image_only": 0.1, "qa_share": 0.5},
             "optim": {"lr": 5e-4, "warmup_steps": 20},
-            "trainer": {"max_steps": 150, "batch_size": 32, "ckpt_every": 50, "sample_every": 50}}
+            "trainer": {"max_steps": 100, "batch_size": 32, "ckpt_every": 50, "sample_every": 50}}
 
 
 @handle_errors

@@ -18,7 +18,7 @@ from stages.train_common import CONFIG, DATA, MAX_STEPS, OUT, OVERRIDES, OVERWRI
 SCHEMA = TrainConfig
 # Short enough that `mmar tokenize && mmar pretrain && mmar finetune` finishes on a laptop CPU.
 DEFAULTS = {"out": "runs/pretrain", "model": {"mask_min": 0.7},
-            "trainer": {"max_steps": 300, "batch_size": 32, "ckpt_every": 100, "sample_every": 100}}
+            "trainer": {"max_steps": 200, "batch_size": 32, "ckpt_every": 100, "sample_every": 100}}
 
 
 @handle_errors

@@ -100,6 +100,9 @@ def _prepare_out(out: Path, resume: Optional[str], overwrite: bool) -> Optional[
 
 def run(cfg, stage: str, overwrite: bool = False) -> Path:
     """Train as `cfg` (a validated TrainConfig) says; returns the final checkpoint directory."""
+    if cfg.trainer.strategy == "fsdp" and cfg.trainer.ema_decay > 0:
+        raise UserError("trainer.strategy=fsdp shards the weights and the EMA is kept whole: set "
+                        "trainer.ema_decay=0 with fsdp, or use trainer.strategy=ddp")
     manifest = shard_io.read_manifest(cfg.data)
     shards = shard_io.shard_paths(cfg.data)
     if not shards:

@@ -198,3 +198,10 @@ def test_cli_error_is_one_line(tmp_path):
     proc = mmar("pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fsdp_with_ema_is_refused(shards, tmp_path):
+    from mmar_cli.errors import UserError
+
+    with pytest.raises(UserError, match="trainer.ema_decay=0"):
+        run_in_process(f"data={shards}", f"out={tmp_path / 'o'}", "trainer.strategy=fsdp")
