@@ -1,0 +1,142 @@
+"""Sampling speed and quality on one checkpoint: default vs MAR's reference settings, the prompt's KV
+cache, guidance in one batch, and text decoding with and without the KV cache.
+
+The variants without an optimisation are built around the model's own generate_images(), never a copy
+of it: `RecomputePrefix` stands in for the backbone and re-runs the prompt in every iteration, and
+"guidance in two passes" runs the conditional and the unconditional rows as two separate batches.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from mmar_cli.config import GenerationConfig
+from mmar_cli.data import checker, shapes
+from mmar_cli.data.sequence import T2I, UNCOND
+from mmar_cli.inference import InferenceModel, row_generators
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_PRESET = ROOT / "configs" / "sample" / "mar-reference.yaml"
+
+
+def generation_config(preset: Optional[Path] = None, **overrides):
+    """GenerationConfig defaults, or a sample preset's `gen:` section, with `overrides`."""
+    gen = OmegaConf.structured(GenerationConfig)
+    if preset is not None:
+        gen = OmegaConf.merge(gen, OmegaConf.load(preset).gen)
+    return OmegaConf.merge(gen, overrides)
+
+
+def describe(gen) -> str:
+    guidance = f"CFG {gen.cfg:g} ({gen.cfg_schedule})" if gen.cfg != 1 else "no CFG"
+    return f"{gen.iterations} iterations × {gen.diffusion_steps} {gen.sampler.upper()} steps, {guidance}"
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts and accuracy
+# --------------------------------------------------------------------------------------------------
+def shapes_samples(n: int, image_size: int) -> List[dict]:
+    """Held-out built-in samples: their captions are the prompts, their renders the images to caption."""
+    return list(shapes.iterate("test", n, image_size=image_size))
+
+
+def checker_accuracy(images: np.ndarray, prompts: List[str]) -> float:
+    """% of images the checker reads as every attribute their prompt asks for."""
+    hits = [checker.score(image, shapes.parse_caption(p))["all"] for image, p in zip(images, prompts)]
+    return 100.0 * sum(hits) / len(hits)
+
+
+def images_per_second(inf: InferenceModel, prompts: List[str], gen, batch_size: int) -> dict:
+    images, seconds = timed(lambda: inf.text_to_image(prompts, gen, seed=0, batch_size=batch_size))
+    return {"settings": describe(gen), "images_s": len(prompts) / seconds, "seconds": seconds,
+            "accuracy": checker_accuracy(images, prompts)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt cache
+# --------------------------------------------------------------------------------------------------
+class RecomputePrefix(nn.Module):
+    """Stands in for `model.backbone` in generate_images() with no KV cache: the "cache" keeps the
+    prompt's embeddings and mask, and each image iteration runs the backbone on prompt + image."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.inner = backbone
+        self.embed_tokens = backbone.embed_tokens
+
+    def new_cache(self) -> dict:
+        return {}
+
+    def forward(self, x, positions, mask, cache: dict, update_cache: bool = True):
+        if update_cache:  # the prompt pass: remember it, compute nothing
+            cache.update(x=x, positions=positions, mask=mask)
+            return x
+        prompt_mask, P = cache["mask"], cache["x"].shape[1]
+        # the prompt's rows see only the prompt (causal): nothing of the image
+        prompt_rows = torch.cat((prompt_mask, prompt_mask.new_zeros(*prompt_mask.shape[:3], mask.shape[3] - P)), 3)
+        h = self.inner(torch.cat((cache["x"], x), 1), torch.cat((cache["positions"], positions)),
+                       torch.cat((prompt_rows, mask), dim=2))
+        return h[:, P:]
+
+
+def prompt_cache_speedup(inf: InferenceModel, prompts: List[str], gen) -> dict:
+    """generate_images() with the prompt's keys/values cached vs the prompt re-run every iteration."""
+    model, s = inf.model, inf.text_tok.specials
+    prefix = inf.encode(T2I, prompts).to(inf.device)
+    run = lambda: model.generate_images(prefix, None, gen, s.boi, row_generators(0, 0, len(prompts)),  # noqa: E731
+                                        pad_id=s.pad)
+    cached, with_cache = timed(run)
+    backbone = model.backbone
+    model.backbone = RecomputePrefix(backbone)
+    try:
+        recomputed, without_cache = timed(run)
+    finally:
+        model.backbone = backbone
+    return {"with_s": with_cache, "without_s": without_cache, "speedup": without_cache / with_cache,
+            "max_diff": float((cached - recomputed).abs().max())}
+
+
+def batched_cfg_speedup(inf: InferenceModel, prompts: List[str], gen) -> dict:
+    """Guided generation with cond + uncond rows in one batch vs the same rows as two separate batches."""
+    model, s = inf.model, inf.text_tok.specials
+    prefix = inf.encode(T2I, prompts).to(inf.device)
+    uncond = inf.encode(UNCOND, [""]).expand(len(prompts), -1).to(inf.device)
+    gens = lambda: row_generators(0, 0, len(prompts))  # noqa: E731
+    _, one_batch = timed(lambda: model.generate_images(prefix, uncond, gen, s.boi, gens(), pad_id=s.pad))
+    _, cond_pass = timed(lambda: model.generate_images(prefix, None, gen, s.boi, gens(), pad_id=s.pad))
+    _, uncond_pass = timed(lambda: model.generate_images(uncond, None, gen, s.boi, gens(), pad_id=s.pad))
+    return {"one_batch_s": one_batch, "two_passes_s": cond_pass + uncond_pass,
+            "speedup": (cond_pass + uncond_pass) / one_batch}
+
+
+# --------------------------------------------------------------------------------------------------
+# Image -> text
+# --------------------------------------------------------------------------------------------------
+def captions_per_second(inf: InferenceModel, samples: List[dict], gen, batch_size: int) -> dict:
+    """Captions of true renders, decoded with and without the KV cache (greedy: the same captions)."""
+    tokens = inf.image_tok.encode(np.stack([x["image"] for x in samples]))
+    questions = [None] * len(samples)
+    result = {}
+    for use_cache in (True, False):
+        captions, seconds = timed(lambda: inf.image_to_text(tokens, questions, gen, 0, batch_size, use_cache))
+        result["cached" if use_cache else "uncached"] = {"captions_s": len(samples) / seconds, "seconds": seconds,
+                                                          "captions": captions}
+    truth = [x["caption"] for x in samples]
+    result["exact"] = 100.0 * np.mean([c == t for c, t in zip(result["cached"]["captions"], truth)])
+    result["same"] = result["cached"]["captions"] == result["uncached"]["captions"]
+    result["speedup"] = result["uncached"]["seconds"] / result["cached"]["seconds"]
+    return result
+

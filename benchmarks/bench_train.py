@@ -1,0 +1,180 @@
+"""Training speed: a real MMAR step, the CPU's matmul peak, the FLOPs of a step, and data-loading waits.
+
+A step is what the trainer does per batch (mmar_cli/engine/module.py): forward (under bf16 autocast for
+bf16-mixed), backward, gradient clipping, AdamW over the same parameter groups, and the EMA update.
+
+The FLOPs of a step are counted from the model's shapes (FLOP_FORMULA) and set against the peak of a
+large torch.mm measured on the same machine.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from mmar_cli.config import ModelConfig, OptimConfig, TaskMixConfig, TrainConfig
+from mmar_cli.data import shapes
+from mmar_cli.data.datamodule import ShardDataModule, assign_task
+from mmar_cli.data.sequence import IGNORE, build_batch
+from mmar_cli.engine.ema import EMA
+from mmar_cli.engine.module import MODEL_KEYS, param_groups
+from mmar_cli.model.mmar import MMAR
+from mmar_cli.model.presets import resolve
+
+PRECISIONS = ("32", "bf16-mixed")
+
+FLOP_FORMULA = """\
+A multiply-add is 2 FLOPs and backward costs twice the forward: a weight used on n tokens costs 6·n FLOPs.
+
+FLOPs per step = 6 · (P_blocks·B·L + P_embed·B·N + P_proj·M + P_head·M·k + W·V·S) + 12 · depth · B · L² · W
+
+  B rows of L frame positions, N of them image tokens; W width, V vocabulary
+  P_blocks  matmul weights of the decoder blocks (q, k, v, o, SwiGLU), run on all B·L frame positions
+  P_embed   matmul weights of the image embedder (linear map + any ViT blocks), on the B·N image tokens
+  P_proj    the VisProjector's weights, on the M masked image tokens of generation rows
+  P_head    the diffusion head's matmul weights, on M·k noisy tokens (k = diffusion batch_mul)
+  W·V·S     the LM head, run only on the S supervised text positions
+  attention QKᵀ and AV over the whole L×L frame in every layer (the explicit mask does not skip work):
+            4·L²·W per row forward, times 3 for training
+"""
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn` after `warmup` untimed calls (the median shrugs off a busy neighbour)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOP/s of the best of `repeats` n×n torch.mm in `dtype`: the ceiling a training step is held to."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and batches
+# --------------------------------------------------------------------------------------------------
+def model_config(preset: str, vocab_size: int, token_dim: int, scale: int = 1, **overrides):
+    """A resolved ModelConfig of `preset`; `scale` multiplies the frame: prefix, suffix and image columns."""
+    base = ModelConfig()
+    sizes = dict(preset=preset, vocab_size=vocab_size, token_dim=token_dim, image_grid=[4, 4 * scale],
+                 max_prefix_len=base.max_prefix_len * scale, max_suffix_len=base.max_suffix_len * scale)
+    return resolve(OmegaConf.merge(OmegaConf.structured(ModelConfig), sizes, overrides))
+
+
+def synthetic_batch(tok, layout, token_dim: int, batch_size: int, seed: int = 0) -> dict:
+    """A training batch in the default task mix: real shapes captions/questions, random image tokens."""
+    rng, mix = random.Random(seed), TaskMixConfig()
+    tasks, texts, answers = [], [], []
+    for sample in shapes.iterate("train", batch_size, seed=seed):
+        task, text, answer = assign_task(rng, sample, mix)
+        tasks.append(task)
+        texts.append(text)
+        answers.append(answer)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch_size, layout.num_image_tokens, token_dim, generator=g).clamp(-1, 1)
+    return build_batch(tok, layout, tasks, texts, answers, tokens)
+
+
+class TrainStep:
+    """One optimizer step of the trainer on a batch: forward, backward, clip, AdamW, EMA."""
+
+    def __init__(self, cfg, precision: str, seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = MMAR(cfg).train()
+        self.optim = torch.optim.AdamW(param_groups(self.model, OptimConfig()), lr=1e-4)
+        self.ema = EMA(self.model, 0.999)
+        self.bf16 = precision == "bf16-mixed"
+
+    def __call__(self, batch: dict) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.model({k: batch[k] for k in MODEL_KEYS})["loss"]
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        return float(loss.detach())
+
+
+def _matmul_weights(module: nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def train_flops(model: MMAR, batch: dict, draws: int = 32) -> float:
+    """FLOPs of one training step on `batch` (FLOP_FORMULA). The masked-token
+    count M is the mean of `draws` masks drawn as the forward pass draws them."""
+    cfg, lay = model.cfg, model.layout
+    B, L, N = batch["text_ids"].shape[0], lay.length, lay.num_image_tokens
+    masked = sum(int(model.random_mask(batch["gen_rows"]).sum()) for _ in range(draws)) / draws
+    supervised = int((batch["text_targets"] != IGNORE).sum())
+    weighted_tokens = (_matmul_weights(model.backbone.layers) * B * L
+                       + _matmul_weights(model.image_embed) * B * N
+                       + _matmul_weights(model.vis_proj) * masked
+                       + _matmul_weights(model.head) * masked * cfg.diffusion.batch_mul
+                       + cfg.width * cfg.vocab_size * supervised)
+    return 6 * weighted_tokens + 12 * cfg.depth * B * L * L * cfg.width
+
+
+def train_speed(cfg, tok, batch_size: int, precision: str, steps: int) -> dict:
+    """Median step time of `cfg` at `batch_size`, with samples/s, tokens/s and FLOP/s."""
+    step = TrainStep(cfg, precision)
+    batch = synthetic_batch(tok, step.model.layout, cfg.token_dim, batch_size)
+    seconds = median_seconds(lambda: step(batch), steps)
+    flops = train_flops(step.model, batch)
+    length = step.model.layout.length
+    return {"batch": batch_size, "length": length, "step_s": seconds, "samples_s": batch_size / seconds,
+            "tokens_s": batch_size * length / seconds, "gflop_step": flops / 1e9,
+            "gflops": flops / seconds / 1e9, "params_m": sum(p.numel() for p in step.model.parameters()) / 1e6}
+
+
+# --------------------------------------------------------------------------------------------------
+# Waiting for data
+# --------------------------------------------------------------------------------------------------
+def data_wait(shard_dir, num_workers: int, batch_size: int, steps: int, preset: str = "tiny",
+              precision: str = "bf16-mixed", model_overrides: Optional[dict] = None) -> dict:
+    """Share of a training loop's time spent blocked in next(iterator) of the trainer's own DataLoader
+    (ShardDataModule over real shards). The first batch (worker start, shuffle buffer) is timed apart."""
+    from mmar_cli.data.shards import load_tokenizers, shard_paths
+
+    tok, image_tok = load_tokenizers(shard_dir)
+    train_cfg = OmegaConf.structured(TrainConfig)
+    train_cfg.trainer.batch_size, train_cfg.trainer.num_workers = batch_size, num_workers
+    cfg = resolve(OmegaConf.merge(train_cfg.model, dict(
+        preset=preset, vocab_size=tok.vocab_size, token_dim=image_tok.token_dim,
+        image_grid=list(image_tok.grid), **(model_overrides or {}))))
+    step = TrainStep(cfg, precision)
+    loader = ShardDataModule(shard_paths(shard_dir), tok, step.model.layout, train_cfg).train_dataloader()
+    start = time.perf_counter()
+    batches = iter(loader)
+    step(next(batches))
+    first = time.perf_counter() - start
+    waited = total = 0.0
+    for _ in range(steps):
+        start = time.perf_counter()
+        batch = next(batches)
+        got = time.perf_counter()
+        step(batch)
+        waited += got - start
+        total += time.perf_counter() - start
+    del batches  # stops the worker
+    return {"workers": num_workers, "wait_frac": waited / total, "wait_ms": 1e3 * waited / steps,
+            "step_s": total / steps, "first_batch_s": first}

@@ -1,0 +1,386 @@
+"""`make bench`: training, data-loading and sampling speed from one run, written to benchmarks/results.md.
+
+    python benchmarks/run.py                     # the full run (~10 minutes on 2 CPU cores)
+    python benchmarks/run.py --quick             # toy sizes: for the tests and for development
+    python benchmarks/run.py --ckpt runs/demo/finetune/final --threads 1 --out /tmp/results.md
+
+Every figure comes from this one process, measured side by side: the CPU's matmul peak next to the
+training steps it bounds, the default sampling settings next to MAR's on the same checkpoint. The
+sampling checkpoint is --ckpt, else the newest complete runs/*/final or runs/*/*/final, else a short
+tiny run trained here (then the accuracies are those of an undertrained model, and the report says so).
+--quick never looks in runs/: it trains its own toy checkpoint unless --ckpt is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_sample  # noqa: E402
+import bench_train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results.md"
+TOY_MODEL = dict(width=64, depth=2, heads=2, kv_heads=1, mlp_hidden=128, diffusion=dict(width=64, depth=1))
+
+# Targets (see the report's "Targets" section).
+MIN_PEAK_FRACTION = 0.40
+MIN_SAMPLING_SPEEDUP = 10.0
+MAX_ACCURACY_DROP = 2.0
+MAX_DATA_WAIT = 0.05
+
+LABEL = {"32": "fp32", "bf16-mixed": "bf16-mixed"}
+
+
+@dataclass
+class Sizes:
+    """How much of everything one run measures."""
+
+    peak_n: int = 2048  # side of the square matmul of the peak
+    train: dict = field(default_factory=lambda: {"tiny": (64, 5), "small": (32, 3)})  # preset: (batch, steps)
+    scaling_batch: int = 16  # tiny preset, bf16-mixed: 1x, 2x, 4x of this batch and of the frame
+    scaling_steps: int = 5
+    num_train: int = 2000  # built-in samples tokenized for the data pipeline (and the fallback run)
+    shard_size: int = 250
+    data_batch: int = 64  # the tiny preset's training batch
+    data_steps: int = 30
+    fallback_steps: int = 300  # optimizer steps of the checkpoint trained when there is none
+    fallback_model: Optional[dict] = None  # None: the tiny preset
+    prompts: int = 32  # prompts for default vs reference sampling and for captions
+    batch: int = 16  # rows per sampling forward pass
+    variant_prompts: int = 16  # prompts of the cache / batched-CFG comparisons
+
+
+QUICK = Sizes(peak_n=256, train={"tiny": (2, 1), "small": (2, 1)}, scaling_batch=1, scaling_steps=1,
+              num_train=32, shard_size=8, data_batch=4, data_steps=3, fallback_steps=2, fallback_model=TOY_MODEL,
+              prompts=2, batch=2, variant_prompts=2)
+
+
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _START:6.0f} s] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The machine
+# --------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def machine() -> dict:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu_model(), "cores": cores, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The measurements
+# --------------------------------------------------------------------------------------------------
+def tokenize_shapes(root: Path, sizes: Sizes) -> Path:
+    """Built-in training samples through the real tokenize stage; returns the shard directory."""
+    from mmar_cli.config import TokenizeConfig, load_config
+    from stages import tokenize
+
+    cfg = load_config(TokenizeConfig, overrides=[
+        f"out={root}", f"shapes.num_train={sizes.num_train}", "shapes.num_val=0", "shapes.num_test=0",
+        f"shard_size={sizes.shard_size}"])
+    tokenize.run(cfg)
+    return root / "train"
+
+
+def measure_training(tok, token_dim: int, sizes: Sizes) -> dict:
+    peaks = {"32": bench_train.matmul_peak(sizes.peak_n, torch.float32),
+             "bf16-mixed": bench_train.matmul_peak(sizes.peak_n, torch.bfloat16)}
+    log(f"matmul peak: fp32 {peaks['32']:.1f} GFLOP/s, bf16 {peaks['bf16-mixed']:.1f} GFLOP/s")
+    rows = []
+    for preset, (batch, steps) in sizes.train.items():
+        cfg = bench_train.model_config(preset, tok.vocab_size, token_dim)
+        for precision in bench_train.PRECISIONS:
+            r = bench_train.train_speed(cfg, tok, batch, precision, steps)
+            r.update(preset=preset, precision=precision, peak_frac=r["gflops"] / peaks[precision])
+            rows.append(r)
+            log(f"train {preset} {LABEL[precision]}: {r['samples_s']:.1f} samples/s, {r['tokens_s']:.0f} tokens/s, "
+                f"{100 * r['peak_frac']:.0f} % of peak")
+    return {"peaks": peaks, "rows": rows}
+
+
+def measure_scaling(tok, token_dim: int, sizes: Sizes) -> dict:
+    """Step time of the tiny preset (bf16-mixed) at 1x/2x/4x the batch, and at 1x/2x/4x the frame."""
+    tiny = bench_train.model_config("tiny", tok.vocab_size, token_dim)
+    batch = [bench_train.train_speed(tiny, tok, sizes.scaling_batch * k, "bf16-mixed", sizes.scaling_steps)
+             for k in (1, 2, 4)]
+    frame = [batch[0]] + [bench_train.train_speed(bench_train.model_config("tiny", tok.vocab_size, token_dim, k),
+                                                  tok, sizes.scaling_batch, "bf16-mixed", sizes.scaling_steps)
+                          for k in (2, 4)]
+    log("scaling: batch " + ", ".join(f"{r['step_s']:.3f}" for r in batch) +
+        " s; frame " + ", ".join(f"{r['step_s']:.3f}" for r in frame) + " s")
+    return {"batch": batch, "frame": frame}
+
+
+def measure_data(shard_dir: Path, sizes: Sizes) -> List[dict]:
+    rows = []
+    for workers in (0, 1):
+        r = bench_train.data_wait(shard_dir, workers, sizes.data_batch, sizes.data_steps,
+                                  model_overrides=sizes.fallback_model)
+        log(f"data, {workers} workers: waiting {100 * r['wait_frac']:.1f} % of {r['step_s']:.3f} s/step")
+        rows.append(r)
+    return rows
+
+
+def find_checkpoint() -> Optional[Path]:
+    """The newest complete runs/*/final or runs/*/*/final."""
+    from mmar_cli.engine.checkpoint import COMPLETE
+
+    finals = [p.parent for pattern in ("runs/*/final", "runs/*/*/final") for p in ROOT.glob(f"{pattern}/{COMPLETE}")]
+    return max(finals, key=lambda p: (p / COMPLETE).stat().st_mtime) if finals else None
+
+
+def train_fallback(shard_dir: Path, out: Path, sizes: Sizes) -> Path:
+    """A short tiny pretraining run with the real training stage (no EMA: it would lag the few steps)."""
+    from mmar_cli.config import TrainConfig, load_config
+    from stages.train_common import run
+
+    model = [f"model.{k}={v}" for k, v in (sizes.fallback_model or {}).items() if k != "diffusion"]
+    model += [f"model.diffusion.{k}={v}" for k, v in (sizes.fallback_model or {}).get("diffusion", {}).items()]
+    cfg = load_config(TrainConfig, str(ROOT / "configs" / "pretrain" / "tiny.yaml"), overrides=[
+        f"data={shard_dir}", "val_data=null", f"out={out}", f"trainer.max_steps={sizes.fallback_steps}",
+        "trainer.batch_size=32", "trainer.ema_decay=0", "trainer.sample_every=0", "trainer.accelerator=cpu",
+        f"trainer.ckpt_every={sizes.fallback_steps}", f"optim.warmup_steps={max(1, sizes.fallback_steps // 10)}",
+        *model])
+    return run(cfg, "pretrain")
+
+
+def measure_sampling(ckpt: Path, trained_here: bool, sizes: Sizes) -> dict:
+    from mmar_cli.inference import load_checkpoint
+
+    inf = load_checkpoint(str(ckpt), ema=not trained_here, device="cpu")
+    samples = bench_sample.shapes_samples(sizes.prompts, inf.image_size)
+    prompts = [x["caption"] for x in samples]
+    default = bench_sample.generation_config()
+    reference = bench_sample.generation_config(bench_sample.REFERENCE_PRESET)
+    result = {"ckpt": str(ckpt), "trained_here": trained_here, "prompts": len(prompts), "batch": sizes.batch}
+    result["default"] = bench_sample.images_per_second(inf, prompts, default, sizes.batch)
+    log(f"sampling default: {result['default']['images_s']:.2f} images/s, {result['default']['accuracy']:.1f} %")
+    result["reference"] = bench_sample.images_per_second(inf, prompts, reference, sizes.batch)
+    log(f"sampling reference: {result['reference']['images_s']:.3f} images/s, "
+        f"{result['reference']['accuracy']:.1f} %")
+    few = prompts[:sizes.variant_prompts]
+    result["cache"] = bench_sample.prompt_cache_speedup(inf, few, default)
+    result["cache"]["prompts"] = len(few)
+    guided = bench_sample.generation_config(cfg=reference.cfg, cfg_schedule=reference.cfg_schedule)
+    result["cfg"] = bench_sample.batched_cfg_speedup(inf, few, guided)
+    result["cfg"]["settings"] = bench_sample.describe(guided)
+    result["text"] = bench_sample.captions_per_second(inf, samples, default, sizes.batch)
+    log(f"prompt cache {result['cache']['speedup']:.2f}x, batched CFG {result['cfg']['speedup']:.2f}x, "
+        f"text KV cache {result['text']['speedup']:.2f}x")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------
+def mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def targets(training: dict, sampling: dict, data: List[dict]) -> List[str]:
+    lines = []
+    for r in training["rows"]:
+        if r["preset"] == "small":
+            lines.append(f"{mark(r['peak_frac'] >= MIN_PEAK_FRACTION)} small preset, {LABEL[r['precision']]}: "
+                         f"{100 * r['peak_frac']:.1f} % of the {LABEL[r['precision']]} matmul peak "
+                         f"(target ≥ {100 * MIN_PEAK_FRACTION:.0f} %)")
+    d, ref = sampling["default"], sampling["reference"]
+    speedup = d["images_s"] / ref["images_s"]
+    lines.append(f"{mark(speedup >= MIN_SAMPLING_SPEEDUP)} default sampling {speedup:.1f}× faster than the "
+                 f"reference (target ≥ {MIN_SAMPLING_SPEEDUP:.0f}×)")
+    drop = ref["accuracy"] - d["accuracy"]
+    lines.append(f"{mark(drop <= MAX_ACCURACY_DROP)} checker accuracy {d['accuracy']:.1f} % (default) vs "
+                 f"{ref['accuracy']:.1f} % (reference): {drop:+.1f} points lost (target ≤ {MAX_ACCURACY_DROP:g}; "
+                 f"one image of {sampling['prompts']} is {100 / sampling['prompts']:.1f} points)")
+    for r in data:
+        lines.append(f"{mark(r['wait_frac'] < MAX_DATA_WAIT)} data wait with num_workers={r['workers']}: "
+                     f"{100 * r['wait_frac']:.1f} % of step time (target < {100 * MAX_DATA_WAIT:.0f} %)")
+    return lines
+
+
+def table(header: List[str], rows: List[list]) -> List[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def report(info: dict, training: dict, scaling: dict, data: List[dict], sampling: dict, lines: List[str]) -> str:
+    m, peaks = info["machine"], training["peaks"]
+    loaded = max(float(x.split()[0]) for x in (info["load_start"], info["load_end"]) if x != "unknown") \
+        if "unknown" not in (info["load_start"], info["load_end"]) else None
+    busy = (f"**the machine was loaded** (1-minute load {loaded:.1f} on {m['cores']} cores): other processes "
+            "shared the CPU, so every figure here is lower than on an idle machine"
+            if loaded is not None and loaded > 0.5 * m["cores"] else "the machine was otherwise idle")
+    out = ["# mmar benchmarks", "",
+           f"Generated by `{info['command']}` on {info['date']}{' (**--quick: toy sizes**)' if info['quick'] else ''}.",
+           "", "## Machine", "",
+           f"- CPU: {m['cpu']}, {m['cores']} cores available; torch {m['torch']}, {m['threads']} thread(s) "
+           f"({'--threads' if info['threads_set'] else 'torch default'}); "
+           f"Python {m['python']}",
+           f"- load average (1, 5, 15 min): {info['load_start']} at the start, {info['load_end']} at the end: {busy}",
+           f"- wall time of the whole run: {info['seconds'] / 60:.1f} min",
+           "", "## Targets", ""] + [f"- {line}" for line in lines]
+
+    out += ["", "## Training", "",
+            f"Matmul peak of this CPU in this run (best {m['threads']}-thread torch.mm of "
+            f"{info['sizes'].peak_n}²): fp32 **{peaks['32']:.1f} GFLOP/s**, bf16 **{peaks['bf16-mixed']:.1f} "
+            "GFLOP/s**.", "",
+            "One step = forward + backward + grad clip + AdamW + EMA on a batch in the default task mix "
+            "(text→image 0.5, image→text 0.4, image only 0.1) from `sequence.build_batch`; median step time.", ""]
+    rows = [[r["preset"], f"{r['params_m']:.1f}M", LABEL[r["precision"]], r["batch"], r["length"], f"{r['step_s']:.3f}",
+             f"{r['samples_s']:.1f}", f"{r['tokens_s']:,.0f}", f"{r['gflop_step']:.1f}", f"{r['gflops']:.1f}",
+             f"{100 * r['peak_frac']:.1f} %"] for r in training["rows"]]
+    out += table(["preset", "params", "precision", "batch", "frame", "step (s)", "samples/s", "tokens/s",
+                  "GFLOP/step", "GFLOP/s", "of peak"], rows)
+    by = {(r["preset"], r["precision"]): r for r in training["rows"]}
+    out += [""] + [f"- {p}: bf16-mixed is **{by[(p, '32')]['step_s'] / by[(p, 'bf16-mixed')]['step_s']:.2f}×** "
+                   "the speed of fp32" for p in info["sizes"].train]
+
+    out += ["", "## Scaling", "",
+            f"Tiny preset, bf16-mixed. Batch: {info['sizes'].scaling_batch}× 1, 2, 4 at the default frame. "
+            "Frame: prefix (`model.max_prefix_len`), suffix (`model.max_suffix_len`) and image grid columns "
+            f"(4×4 → 4×8 → 4×16 tokens) all × 1, 2, 4, at batch {info['sizes'].scaling_batch}.", ""]
+    rows = []
+    for what, rs in (("batch", scaling["batch"]), ("frame", scaling["frame"])):
+        for k, r in zip((1, 2, 4), rs):
+            rows.append([f"{what} ×{k}", r["batch"], r["length"], f"{r['step_s']:.3f}",
+                         f"{r['step_s'] / rs[0]['step_s']:.2f}×", f"{r['samples_s']:.1f}", f"{r['tokens_s']:,.0f}"])
+    out += table(["", "batch", "frame", "step (s)", "step time vs ×1", "samples/s", "tokens/s"], rows)
+
+    out += ["", "## Data pipeline", "",
+            f"The trainer's DataLoader (`ShardDataModule`) over {info['sizes'].num_train} built-in samples "
+            f"written by `stages.tokenize.run` ({info['sizes'].shard_size} per shard), feeding tiny-preset "
+            f"bf16-mixed steps at batch {info['sizes'].data_batch}; wait = time blocked in `next(iterator)`, "
+            f"over {info['sizes'].data_steps} steps after the first batch.", ""]
+    out += table(["num_workers", "wait", "wait per step (ms)", "step incl. wait (s)", "first batch (s)"],
+                 [[r["workers"], f"{100 * r['wait_frac']:.1f} %", f"{r['wait_ms']:.1f}", f"{r['step_s']:.3f}",
+                   f"{r['first_batch_s']:.2f}"] for r in data])
+
+    s = sampling
+    note = ("a short run trained by this benchmark: **its accuracies are those of an undertrained "
+            "model**" if s["trained_here"] else "the EMA weights")
+    d, ref, c, g, t = s["default"], s["reference"], s["cache"], s["cfg"], s["text"]
+    out += ["", "## Sampling", "",
+            f"Checkpoint `{s['ckpt']}` ({note}); {s['prompts']} held-out built-in captions as prompts, "
+            f"{s['batch']} rows per pass, seed 0; accuracy = images the checker reads with every attribute "
+            "the prompt asks for.", ""]
+    out += table(["settings", "", "images/s", "time (s)", "checker accuracy"],
+                 [["default (GenerationConfig)", d["settings"], f"{d['images_s']:.2f}", f"{d['seconds']:.1f}",
+                   f"{d['accuracy']:.1f} %"],
+                  ["MAR reference (configs/sample/mar-reference.yaml)", ref["settings"], f"{ref['images_s']:.3f}",
+                   f"{ref['seconds']:.1f}", f"{ref['accuracy']:.1f} %"]])
+    out += ["", f"- default vs reference: **{d['images_s'] / ref['images_s']:.1f}×** the images per second",
+            f"- prompt KV cache ({c['prompts']} prompts, default settings): {c['with_s']:.2f} s with vs {c['without_s']:.2f} s re-running the "
+            f"prompt every iteration: **{c['speedup']:.2f}×** (same images: max token difference "
+            f"{c['max_diff']:.1e})",
+            f"- batched CFG ({g['settings']}): cond + uncond in one batch {g['one_batch_s']:.2f} s vs two separate "
+            f"batches {g['two_passes_s']:.2f} s: **{g['speedup']:.2f}×**",
+            f"- captions (greedy, ≤ 24 tokens): {t['cached']['captions_s']:.1f} captions/s with the KV cache vs "
+            f"{t['uncached']['captions_s']:.1f} without: **{t['speedup']:.2f}×** (same captions: "
+            f"{'yes' if t['same'] else 'NO'}; exact match with the truth {t['exact']:.1f} %)"]
+
+    out += ["", "## How the figures are computed", "", "Training FLOPs per step (`benchmarks/bench_train.py`):", "", "```", bench_train.FLOP_FORMULA.rstrip(), "```", "",
+            "Fraction of peak = FLOPs per step / median step time / the matmul peak of the same precision "
+            "measured in this run. Sampling figures include decoding tokens to pixels. \"Two separate batches\" "
+            "runs generate_images() on the conditional rows and on the unconditional rows one after the other "
+            "(the work of guidance done in two passes); \"re-running the prompt\" swaps the backbone for "
+            "`bench_sample.RecomputePrefix` inside the same generate_images().", ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="toy sizes (tests, development)")
+    p.add_argument("--ckpt", help="checkpoint for the sampling figures (default: newest runs/*/final, "
+                   "runs/*/*/final, else a short run trained here)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="the report (default: benchmarks/results.md)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    """Run every measurement, write the report; returns the figures (and the report's path as `out`)."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args, " ".join(shlex.quote(a) for a in ["python", "benchmarks/run.py",
+                                                            *(sys.argv[1:] if argv is None else argv)]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, command: str) -> dict:
+    from mmar_cli.data.shards import load_tokenizers
+
+    sizes = QUICK if args.quick else Sizes()
+    start, load_start = datetime.datetime.now(), load_average()
+    with tempfile.TemporaryDirectory(prefix="mmar-bench-") as tmp:
+        log(f"tokenizing {sizes.num_train} built-in samples into {tmp}")
+        shard_dir = tokenize_shapes(Path(tmp) / "shapes", sizes)
+        tok, image_tok = load_tokenizers(shard_dir)
+        training = measure_training(tok, image_tok.token_dim, sizes)
+        scaling = measure_scaling(tok, image_tok.token_dim, sizes)
+        data = measure_data(shard_dir, sizes)
+        ckpt = Path(args.ckpt) if args.ckpt else None if args.quick else find_checkpoint()
+        trained_here = ckpt is None
+        if trained_here:
+            kind = "toy model" if sizes.fallback_model else "tiny preset"
+            log(f"no checkpoint given{'' if args.quick else ' or under runs/'}: training {sizes.fallback_steps} "
+                f"steps of the {kind}")
+            ckpt = train_fallback(shard_dir, Path(tmp) / "run", sizes)
+        sampling = measure_sampling(ckpt, trained_here, sizes)
+        if trained_here:
+            sampling["ckpt"] = f"(temporary) {kind}, {sizes.fallback_steps} steps at batch 32"
+
+    info = {"machine": machine(), "command": command, "date": start.strftime("%Y-%m-%d %H:%M"),
+            "load_start": load_start, "load_end": load_average(), "quick": args.quick, "sizes": sizes,
+            "threads_set": bool(args.threads), "seconds": (datetime.datetime.now() - start).total_seconds()}
+    lines = targets(training, sampling, data)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report(info, training, scaling, data, sampling, lines))
+    log("\n".join(["", *lines, "", f"written: {out}"]))
+    return {"out": out, "training": training, "scaling": scaling, "data": data, "sampling": sampling}
+
+
+if __name__ == "__main__":
+    main()

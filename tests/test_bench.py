@@ -1,0 +1,99 @@
+"""The benchmark (`make bench`): its FLOP count, its no-cache sampling variant, and a --quick run that
+writes every section of the report with finite, positive figures."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_sample  # noqa: E402
+import bench_train  # noqa: E402
+import run as bench_run  # noqa: E402
+
+from mmar_cli.data.sequence import CAPTION, IGNORE, T2I, Layout, build_batch  # noqa: E402
+from mmar_cli.model.mmar import MMAR  # noqa: E402
+from mmar_cli.tokenizers.text import byte_tokenizer  # noqa: E402
+
+TOY = dict(width=32, depth=2, heads=2, kv_heads=1, mlp_hidden=48, diffusion=dict(width=16, depth=1))
+
+
+def test_matmul_peak_is_a_positive_rate():
+    peak = bench_train.matmul_peak(64, torch.float32, repeats=2)
+    assert math.isfinite(peak) and peak > 0
+
+
+def test_train_flops_follow_the_formula_on_an_understanding_batch():
+    tok = byte_tokenizer()
+    cfg = bench_train.model_config("tiny", tok.vocab_size, token_dim=12, max_prefix_len=4, max_suffix_len=8, **TOY)
+    model = MMAR(cfg)
+    lay = model.layout
+    assert lay == Layout(4, 16, 8)
+    batch = build_batch(tok, lay, [CAPTION, CAPTION, CAPTION], ["", "", ""], ["ab", "abcd", ""],
+                        torch.zeros(3, 16, 12))
+    # no generation rows: nothing masked, the head and projector never run
+    B, L, N, W = 3, lay.length, 16, 32
+    supervised = 3 + 5 + 1  # each caption's bytes + EOS
+    assert int((batch["text_targets"] != IGNORE).sum()) == supervised
+    blocks = 2 * (W * (32 + 2 * 16) + 32 * W + 3 * W * 48)  # q, k, v (1 kv head of 16), o, SwiGLU
+    expected = 6 * (blocks * B * L + 12 * W * B * N + W * tok.vocab_size * supervised) + 12 * 2 * B * L * L * W
+    assert bench_train.train_flops(model, batch) == expected
+
+
+def test_train_flops_count_the_head_on_generation_rows():
+    tok = byte_tokenizer()
+    cfg = bench_train.model_config("tiny", tok.vocab_size, token_dim=12, max_prefix_len=6, max_suffix_len=4, **TOY)
+    model = MMAR(cfg)
+    gen = build_batch(tok, model.layout, [T2I] * 2, ["abc", "de"], [None, None], torch.zeros(2, 16, 12))
+    und = build_batch(tok, model.layout, [CAPTION] * 2, ["", ""], ["", ""], torch.zeros(2, 16, 12))
+    # every generation row has at least mask_min of its tokens masked, each run k times through the head
+    head = sum(m.weight.numel() for m in model.head.modules() if isinstance(m, torch.nn.Linear))
+    least = 6 * head * 2 * math.ceil(cfg.mask_min * 16) * cfg.diffusion.batch_mul
+    lm_head = 6 * 32 * tok.vocab_size * 2  # the understanding batch supervises 2 EOS tokens
+    assert bench_train.train_flops(model, gen) - (bench_train.train_flops(model, und) - lm_head) >= least
+
+
+@pytest.mark.slow
+def test_recomputing_the_prompt_gives_the_cached_images(tmp_path):
+    from tiny_checkpoint import make_checkpoint, make_data
+
+    from mmar_cli.inference import load_checkpoint
+
+    data = make_data(tmp_path / "data", num_test=2)
+    inf = load_checkpoint(str(make_checkpoint(data, tmp_path / "ckpt")), device="cpu")
+    gen = bench_sample.generation_config(iterations=3, diffusion_steps=4)
+    result = bench_sample.prompt_cache_speedup(inf, ["a large red circle at the top left",
+                                                     "a small blue square in the center"], gen)
+    assert result["max_diff"] < 1e-4
+    assert result["with_s"] > 0 and result["without_s"] > 0
+    assert type(inf.model.backbone).__name__ == "Backbone"  # put back after the comparison
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_section(tmp_path):
+    out = tmp_path / "results.md"
+    res = bench_run.main(["--quick", "--threads", "1", "--out", str(out)])
+    text = out.read_text()
+    for section in ("## Machine", "## Targets", "## Training", "## Scaling", "## Data pipeline", "## Sampling",
+                    "## How the figures are computed"):
+        assert section in text
+    assert "--quick" in text and "thread(s)" in text and "load average" in text and "FLOPs per step" in text
+    assert text.count("✓") + text.count("✗") == 6  # 2 peak fractions, speed, accuracy, 2 data waits
+
+    positive = [r[k] for r in res["training"]["rows"] for k in ("step_s", "samples_s", "tokens_s", "gflops",
+                                                                 "peak_frac")]
+    positive += [r["step_s"] for r in res["scaling"]["batch"] + res["scaling"]["frame"]]
+    positive += list(res["training"]["peaks"].values())
+    s = res["sampling"]
+    positive += [s["default"]["images_s"], s["reference"]["images_s"], s["cache"]["speedup"], s["cfg"]["speedup"],
+                 s["text"]["cached"]["captions_s"], s["text"]["uncached"]["captions_s"]]
+    assert all(math.isfinite(x) and x > 0 for x in positive), positive
+    assert {r["preset"] for r in res["training"]["rows"]} == {"tiny", "small"}
+    assert [r["length"] for r in res["scaling"]["frame"]] == [66, 130, 258]
+    assert [r["workers"] for r in res["data"]] == [0, 1] and all(0 <= r["wait_frac"] < 1 for r in res["data"])
+    assert s["trained_here"] and "undertrained" in text
+    assert 0 <= s["default"]["accuracy"] <= 100 and s["cache"]["max_diff"] < 1e-4 and s["text"]["same"]
