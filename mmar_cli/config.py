@@ -177,6 +177,7 @@ class TrainerConfig:
     sample_every: int = opt(0, "steps between preview grids/captions written beside the checkpoints "
                             "(0: only at the end)", min=0)
     keep_last: int = opt(2, "step checkpoints kept (final/ is always kept)", min=1)
+    log_keys: bool = opt(False, "debug: append the sample keys of every batch to {out}/keys-rank{R}.txt")
 
 
 @dataclass
