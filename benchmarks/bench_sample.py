@@ -138,5 +138,6 @@ def captions_per_second(inf: InferenceModel, samples: List[dict], gen, batch_siz
     result["exact"] = 100.0 * np.mean([c == t for c, t in zip(result["cached"]["captions"], truth)])
     result["same"] = result["cached"]["captions"] == result["uncached"]["captions"]
     result["speedup"] = result["uncached"]["seconds"] / result["cached"]["seconds"]
+    result["max_new_tokens"] = gen.max_new_tokens
     return result
 

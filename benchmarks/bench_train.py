@@ -32,7 +32,7 @@ PRECISIONS = ("32", "bf16-mixed")
 FLOP_FORMULA = """\
 A multiply-add is 2 FLOPs and backward costs twice the forward: a weight used on n tokens costs 6·n FLOPs.
 
-FLOPs per step = 6 · (P_blocks·B·L + P_embed·B·N + P_proj·M + P_head·M·k + W·V·S) + 12 · depth · B · L² · W
+FLOPs per step = 6·(P_blocks·B·L + P_embed·B·N + P_proj·M + P_head·M·k + W·V·S) + 12·depth·B·L²·W
 
   B rows of L frame positions, N of them image tokens; W width, V vocabulary
   P_blocks  matmul weights of the decoder blocks (q, k, v, o, SwiGLU), run on all B·L frame positions

@@ -82,7 +82,11 @@ def test_quick_run_writes_every_section(tmp_path):
                     "## How the figures are computed"):
         assert section in text
     assert "--quick" in text and "thread(s)" in text and "load average" in text and "FLOPs per step" in text
-    assert text.count("✓") + text.count("✗") == 6  # 2 peak fractions, speed, accuracy, 2 data waits
+    # 2 peak fractions, speed, accuracy, 2 data waits; each ✓, ✗ or – (no signal)
+    targets = [line for line in text.split("## Targets")[1].split("## ")[0].splitlines() if line.startswith("- ")]
+    assert len(targets) == 6 and all(line[2] in "✓✗–" for line in targets), targets
+    small = [r for r in res["training"]["rows"] if r["preset"] == "small"]
+    assert [line[2] for line in targets[:2]] == ["✓" if r["peak_frac"] >= 0.4 else "✗" for r in small]
 
     positive = [r[k] for r in res["training"]["rows"] for k in ("step_s", "samples_s", "tokens_s", "gflops",
                                                                  "peak_frac")]
