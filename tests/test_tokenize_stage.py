@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmar_cli.app import app
+from mmar_cli.cli_common import command_line
 from mmar_cli.config import TokenizeConfig, load_config
 from mmar_cli.data import shards
 from mmar_cli.data.shapes import make_sample
@@ -56,7 +57,7 @@ def test_no_arguments_writes_train_val_test_with_shared_tokenizers(tmp_path, mon
     assert train["source"] == {"input": "builtin", "format": "builtin", "split": "train"}
     assert train["tokens"] == {"shape": [16, 192], "dtype": "float16", "flip": False}
     assert train["image_tokenizer"]["spec"]["kind"] == "patch" and train["text_tokenizer"]["spec"]["kind"] == "bpe"
-    assert "tokenize" in train["command"] and train["format_version"] == 1 and train["skipped"]["count"] == 0
+    assert train["command"] == command_line() and train["format_version"] == 1 and train["skipped"]["count"] == 0
     for m in manifests.values():  # one tokenizer, fitted on train, copied as is
         assert m["text_tokenizer"] == train["text_tokenizer"] and m["image_tokenizer"] == train["image_tokenizer"]
     tok_bytes = {(root / s / "text_tokenizer.json").read_bytes() for s in manifests}
