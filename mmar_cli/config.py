@@ -127,6 +127,8 @@ class ModelConfig:
     vocab_size: Optional[int] = opt(None, "text vocabulary size (from the shards' tokenizer)")
     token_dim: Optional[int] = opt(None, "values per image token (from the shards' tokenizer)")
     image_grid: Optional[List[int]] = opt(None, "image tokens per side [h, w] (from the shards' tokenizer)")
+    token_bound: Optional[float] = opt(None, "bound of image token values: sampling clips its x0 estimates "
+                                       "to [-bound, bound] (from the shards' tokenizer: 1 for 'patch')")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def model_config(cfg, tok, image_tok, init_cfg=None):
         model = OmegaConf.merge(init_cfg.model, {k: cfg.model[k] for k in TRAINING_MODEL_KEYS})
         model.init_from_qwen2 = None
     data_sizes = {"vocab_size": tok.vocab_size, "token_dim": image_tok.token_dim,
-                  "image_grid": list(image_tok.grid)}
+                  "image_grid": list(image_tok.grid), "token_bound": image_tok.value_bound}
     for key, value in data_sizes.items():
         if model[key] is not None and (list(model[key]) if key == "image_grid" else model[key]) != value:
             raise UserError(f"config key 'model.{key}': {model[key]} but the shards' tokenizer gives {value} "

@@ -14,8 +14,13 @@ PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
                  if p.parent.name in STAGES)
 
 
-def test_there_are_presets_for_the_stages():
-    assert {p.parent.name for p in PRESETS} >= {"tokenize"} or PRESETS == []
+def test_every_stage_has_presets_including_the_demo_ones():
+    assert {p.parent.name for p in PRESETS} == set(STAGES)
+    names = {(p.parent.name, p.stem) for p in PRESETS}
+    for stage in ("tokenize", "pretrain", "finetune", "sample", "evaluate"):
+        assert (stage, "demo") in names, f"configs/{stage}/demo.yaml is what `make demo` runs"
+    for stage in ("tokenize", "pretrain", "evaluate"):
+        assert (stage, "eval") in names, f"configs/{stage}/eval.yaml is what `make eval` runs"
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[str(p.relative_to(ROOT)) for p in PRESETS])

@@ -50,14 +50,6 @@ def test_untrained_head_predicts_zero_and_accepts_bf16():
         assert head(torch.randn(4, 3), torch.tensor(7), torch.randn(4, 5)).dtype == torch.bfloat16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models are dominated by thread overhead: on a shared 2-core box 2 threads are ~40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("prediction", ["v", "eps"])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
@@ -136,3 +128,14 @@ def test_temperature_narrows_the_samples(trained):
     assert _draw(trained, 1, 500, g, steps=20, sampler="ddim", temperature=0.0).std(0).max() < 1e-4
     cold = _draw(trained, 1, 500, g, steps=20, sampler="ddpm", temperature=0.5).std(0).mean()
     assert cold < 0.9 * _draw(trained, 1, 500, g, steps=20, sampler="ddpm", temperature=1.0).std(0).mean()
+
+
+def test_bound_clips_every_x0_estimate():
+    """A head that predicts far outside the data's range gives samples inside it once clipped."""
+    diffusion = GaussianDiffusion(1000, "cosine", "v")
+    wild = lambda x_t, t: torch.full_like(x_t, -50.0)  # noqa: E731
+    noise = lambda: torch.randn(64, 3, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    free = diffusion.sample(wild, noise, 10, "ddim")
+    clipped = diffusion.sample(wild, noise, 10, "ddim", bound=1.0)
+    assert free.abs().max() > 5
+    assert clipped.abs().max() <= 1.0 + 1e-5

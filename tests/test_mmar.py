@@ -25,14 +25,6 @@ TOK = fake_tokenizer()
 S = TOK.specials
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dominated by thread overhead on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_model(**kw):
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ bounded. That is MMAR's numerical-stability argument (benchmarks/eps_vs_v_bf16.p
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -91,13 +91,15 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, denoise: Callable, noise: Callable, steps: int, sampler: str = "ddim",
-               temperature: float = 1.0) -> torch.Tensor:
+               temperature: float = 1.0, bound: Optional[float] = None) -> torch.Tensor:
         """Draw x0 from x_T. denoise(x_t, t: int) -> the head's prediction at x_t; noise() -> a fresh
         standard normal tensor of the output's shape (the caller decides how noise is drawn per row).
 
         Both samplers are the same update x_p = a_p·x0 + sqrt(1 - a_p² - σ²)·eps + σ·z: DDIM has σ = 0,
         DDPM's ancestral step has σ² = the posterior variance. `temperature` scales the fresh noise: the
         ancestral noise for DDPM (as MAR does) and the starting noise for DDIM, which has no other.
+        `bound`: clip each x0 estimate to [-bound, bound] (DDPM's "clip denoised") when the data is
+        known to lie there; an undertrained head's early estimates otherwise overshoot.
         """
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler '{sampler}' (ddpm or ddim)")
@@ -108,6 +110,9 @@ class GaussianDiffusion:
             ab_p = float(self.alpha_bar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
             a, s = math.sqrt(ab_t), math.sqrt(1 - ab_t)
             x0, eps = self.to_x0_eps(denoise(x, t).float(), x, a, s)
+            if bound is not None:
+                x0 = x0.clamp(-bound, bound)
+                eps = (x - a * x0) / s
             var = (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p) if sampler == "ddpm" else 0.0
             x = math.sqrt(ab_p) * x0 + math.sqrt(max(1 - ab_p - var, 0.0)) * eps
             if var > 0:

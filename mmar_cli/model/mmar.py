@@ -279,7 +279,8 @@ class MMAR(nn.Module):
                 return cfg_combine(pred[:B], pred[B:], scale) if guided else pred
 
             values = self.diffusion.sample(denoise, lambda: _randn_rows(gens, (idx.shape[1], D), dev),
-                                           gen.diffusion_steps, gen.sampler, gen.temperature)
+                                           gen.diffusion_steps, gen.sampler, gen.temperature,
+                                           self.cfg.get("token_bound"))
             tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, D), values.to(tokens.dtype))
             known = known.scatter(1, idx, True)
             n_known = n_next

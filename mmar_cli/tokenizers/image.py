@@ -56,6 +56,7 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 class PatchTokenizer:
     kind = "patch"
+    value_bound = 1.0  # token values lie in [-1, 1]: sampling may clip to it
 
     def __init__(self, image_size: int, patch_size: int):
         if image_size % patch_size:
@@ -96,6 +97,7 @@ class PCATokenizer(PatchTokenizer):
     """Whitened principal components of pixel patches: token = ((patch - mean) @ basis) / std."""
 
     kind = "pca"
+    value_bound = None
 
     def __init__(self, image_size: int, patch_size: int, mean: torch.Tensor, basis: torch.Tensor,
                  std: torch.Tensor):
@@ -148,6 +150,7 @@ class VAETokenizer:
     """A diffusers AutoencoderKL from a local directory (never a hub id)."""
 
     kind = "vae"
+    value_bound = None
 
     def __init__(self, vae_path: str, image_size: int, patch_size: int, scale: float = 1.0):
         path = Path(vae_path)
