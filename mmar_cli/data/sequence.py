@@ -136,7 +136,7 @@ def build_batch(tok, layout: Layout, tasks: Sequence[int], texts: Sequence[str],
         if task in (CAPTION, QA):
             suffix = encode_suffix(tok, answers[i] or "", layout)
             if suffix is None:
-                raise ValueError("suffix too long; filter samples with fits_suffix() before collating")
+                raise ValueError("suffix too long; filter samples with data.datamodule.fits() before collating")
             text_ids[i, layout.suffix_start:] = suffix
             # position t predicts token t+1: EOI predicts the first suffix token, ..., the last real one EOS
             n = int((suffix != s.pad).sum())
@@ -152,7 +152,3 @@ def build_batch(tok, layout: Layout, tasks: Sequence[int], texts: Sequence[str],
         "gen_rows": gen_rows,
         "task": torch.tensor(list(tasks), dtype=torch.long),
     }
-
-
-def fits_suffix(tok, text: str, layout: Layout) -> bool:
-    return len(tok.encode(text)) + 1 <= layout.suffix_len
