@@ -98,6 +98,8 @@ class DiffusionHeadConfig:
     num_train_timesteps: int = opt(1000, "diffusion steps of the training schedule", min=2)
     schedule: str = opt("cosine", "noise schedule", choices=["cosine", "linear"])
     batch_mul: int = opt(4, "noise draws per token per training step (diffusion_batch_mul)", min=1)
+    mean_loss: float = opt(0.0, "weight of the auxiliary loss that regresses each masked token's value from "
+                                "its condition (a direct signal to the backbone; 0: off, MAR's loss only)", min=0.0)
 
 
 @dataclass
@@ -207,6 +209,8 @@ class GenerationConfig:
     iterations: int = opt(8, "autoregressive iterations (cosine schedule)", min=1)
     diffusion_steps: int = opt(25, "diffusion head sampling steps", min=1)
     sampler: str = opt("ddim", "diffusion sampler", choices=["ddpm", "ddim"])
+    shared_noise: bool = opt(False, "all tokens of an image start from one noise draw (their samples then agree "
+                                    "where their conditions agree, e.g. on one background)")
     max_new_tokens: int = opt(24, "text tokens to generate at most", min=1)
     top_k: int = opt(0, "top-k text sampling (0: off; with top_p 1 and temperature 0: greedy)", min=0)
     top_p: float = opt(1.0, "nucleus text sampling", min=0.0, max=1.0)

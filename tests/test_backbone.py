@@ -4,7 +4,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from mmar_cli.config import ModelConfig
+from mmar_cli.config import DiffusionHeadConfig, ModelConfig
 from mmar_cli.errors import UserError
 from mmar_cli.model.attention_mask import build_attention_mask
 from mmar_cli.model.backbone import Backbone
@@ -50,7 +50,8 @@ def test_qwen2_7b_backbone_count_is_7_6b():
         "backbone"] == 7_615_616_512
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False, qkv_bias=True, image_embedder_depth=2)])
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False, qkv_bias=True, image_embedder_depth=2),
+                                dict(diffusion=DiffusionHeadConfig(mean_loss=1.0))])
 def test_count_params_matches_the_real_modules(kw):
     cfg = small_cfg(**kw)
     model = MMAR(cfg)

@@ -73,6 +73,29 @@ def test_forward_returns_weighted_losses_per_task_and_trains_every_part(model):
     model.zero_grad()
 
 
+def test_mean_loss_regresses_each_masked_token_from_its_condition():
+    from mmar_cli.config import DiffusionHeadConfig
+
+    model = make_model(diffusion=DiffusionHeadConfig(mean_loss=0.5)).train()
+    assert make_model().mean_head is None  # off by default: MAR's loss only
+    batch = a_batch(model)
+    seen = {}
+    real_head = model.mean_head.forward
+    model.mean_head.forward = lambda z: seen.setdefault("pred", real_head(z))
+    torch.manual_seed(0)
+    out = model(batch, w_img=1.0, w_txt=1.0)
+    # the read-out saw one condition per masked token of the generation rows (T2I and UNCOND)
+    torch.manual_seed(0)
+    masked = model.random_mask(batch["gen_rows"])
+    assert seen["pred"].shape == (int(masked.sum()), 3) and masked[2:].sum() == 0
+    expected = ((seen["pred"] - batch["image_tokens"][masked]) ** 2).mean()
+    torch.testing.assert_close(out["loss_mean"], expected)
+    torch.testing.assert_close(out["loss"], out["loss_img"] + out["loss_txt"] + 0.5 * out["loss_mean"])
+    out["loss_mean"].backward()
+    for name in ("mean_head.weight", "vis_proj.net.0.weight", "backbone.layers.0.mlp.up_proj.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
 def test_text_loss_is_the_cross_entropy_of_the_supervised_suffix(model):
     batch = a_batch(model, (CAPTION,))
     out = model(batch)
@@ -250,6 +273,29 @@ def test_generated_tokens_depend_on_the_prompt(model):
     same = model.generate_images(cond, None, gen_config(), S.boi, seeded(1, 1), pad_id=S.pad)
     assert not torch.allclose(swapped[0], same[0])
     torch.testing.assert_close(swapped[0], same[1], atol=1e-5, rtol=1e-5)
+
+
+def test_shared_noise_starts_every_token_of_an_image_from_one_draw(model, monkeypatch):
+    cond, _ = t2i_prompts(model)
+    starts = []
+    real_sample = model.diffusion.sample
+
+    def spy(denoise, noise, *args, **kw):  # record the first draw (the start), then sample as usual
+        draws = [noise()]
+        starts.append(draws[0])
+        return real_sample(denoise, lambda: draws.pop() if draws else noise(), *args, **kw)
+
+    monkeypatch.setattr(model.diffusion, "sample", spy)
+    model.generate_images(cond, None, gen_config(shared_noise=True), S.boi, seeded(1, 2), pad_id=S.pad)
+    assert len(starts) == 3  # one draw per iteration (3 iterations)
+    for x in starts:  # [rows, new tokens, D]: the same vector for every new token of a row
+        assert torch.equal(x, x[:, :1].expand_as(x))
+    torch.testing.assert_close(starts[0][:, 0], starts[-1][:, 0])  # the image's one start, every iteration
+    assert not torch.allclose(starts[0][0, 0], starts[0][1, 0])  # images differ
+    starts.clear()
+    model.generate_images(cond, None, gen_config(), S.boi, seeded(1, 2), pad_id=S.pad)
+    wide = max(starts, key=lambda x: x.shape[1])
+    assert wide.shape[1] > 1 and not torch.allclose(wide[:, 0], wide[:, 1])  # independent per token
 
 
 def test_a_batch_without_a_task_still_reaches_every_head(model):

@@ -140,7 +140,7 @@ class TrainModule(L.LightningModule):
             self.log("tokens_per_s", rows * length * world / dt, prog_bar=True)
         self._last_time = now
         self.log("loss", out["loss"].detach(), prog_bar=True)
-        for name in ["loss_img", "loss_txt"] + [f"loss_{n}" for n in TASK_NAMES.values()]:
+        for name in ["loss_img", "loss_txt", "loss_mean"] + [f"loss_{n}" for n in TASK_NAMES.values()]:
             if name in out:
                 self.log(f"train/{name}", out[name].detach())
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])

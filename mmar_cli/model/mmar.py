@@ -142,6 +142,8 @@ class MMAR(nn.Module):
         self.image_embed = EmbeddingViT(cfg)
         self.vis_proj = VisProjector(cfg.width, cfg.diffusion.width)
         self.head = DiffusionHead(cfg.token_dim, cfg.diffusion.width, cfg.diffusion.width, cfg.diffusion.depth)
+        # the conditional mean of a masked token, read linearly off its condition (auxiliary loss only)
+        self.mean_head = nn.Linear(cfg.diffusion.width, cfg.token_dim) if cfg.diffusion.get("mean_loss") else None
         self.diffusion = GaussianDiffusion(cfg.diffusion.num_train_timesteps, cfg.diffusion.schedule,
                                            cfg.diffusion.prediction)
         self.w_img, self.w_txt = 1.0, 1.0
@@ -209,6 +211,13 @@ class MMAR(nn.Module):
         # sum/count rather than mean: a batch without such tokens still gives every parameter a (zero)
         # gradient, which DDP requires
         loss_img = tok_loss.sum() / max(tok_loss.numel(), 1)
+        if self.mean_head is not None:
+            # MAR's head conditions through zero-initialised AdaLN, so the backbone's gradient starts at
+            # 0 and grows slowly; regressing E[x0 | condition] gives it a direct one from step one.
+            err = ((self.mean_head(z).float() - tokens[masked].float()) ** 2).mean(-1)
+            loss_mean = err.sum() / max(err.numel(), 1)
+        else:
+            loss_mean = None
         row_img = _per_row_mean(tok_loss, rows, B)
 
         # text loss on supervised positions (position t predicts token t+1)
@@ -219,6 +228,9 @@ class MMAR(nn.Module):
         row_txt = _per_row_mean(ce, torch.arange(B, device=ids.device)[:, None].expand_as(sup)[sup], B)
 
         out = {"loss": w_img * loss_img + w_txt * loss_txt, "loss_img": loss_img, "loss_txt": loss_txt}
+        if loss_mean is not None:
+            out["loss"] = out["loss"] + self.cfg.diffusion.mean_loss * loss_mean
+            out["loss_mean"] = loss_mean
         row_loss = torch.where(batch["gen_rows"], row_img, row_txt)
         for task_id, name in TASK_NAMES.items():
             rows_of_task = batch["task"] == task_id
@@ -257,6 +269,21 @@ class MMAR(nn.Module):
 
         orders = torch.stack([torch.randperm(N, generator=g, device=_device(g, dev)).to(dev)
                               for g in gens])
+        shared = getattr(gen, "shared_noise", False)
+        start = _randn_rows(gens, (1, D), dev) if shared else None  # [B, 1, D]: one start per image
+
+        def noise(m: int):
+            """The sampler's noise for m tokens: independent per token, or the image's shared start
+            followed by fresh draws shared by the m tokens."""
+            calls = []
+
+            def draw():
+                calls.append(1)
+                if not shared:
+                    return _randn_rows(gens, (m, D), dev)
+                return (start if len(calls) == 1 else _randn_rows(gens, (1, D), dev)).expand(-1, m, -1)
+            return draw
+
         tokens = torch.zeros(B, N, D, device=dev)
         known = torch.zeros(B, N, dtype=torch.bool, device=dev)
         n_known = 0
@@ -278,8 +305,7 @@ class MMAR(nn.Module):
                 pred = self.head(x_in, t_in, cond.reshape(-1, cond.shape[-1])).float().view(R, m, D)
                 return cfg_combine(pred[:B], pred[B:], scale) if guided else pred
 
-            values = self.diffusion.sample(denoise, lambda: _randn_rows(gens, (idx.shape[1], D), dev),
-                                           gen.diffusion_steps, gen.sampler, gen.temperature,
+            values = self.diffusion.sample(denoise, noise(idx.shape[1]), gen.diffusion_steps, gen.sampler, gen.temperature,
                                            self.cfg.get("token_bound"))
             tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, D), values.to(tokens.dtype))
             known = known.scatter(1, idx, True)

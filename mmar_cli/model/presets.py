@@ -75,6 +75,8 @@ def count_params(cfg) -> dict:
     # EmbeddingViT (linear in, row + column positions, mask embedding, optional blocks) + VisProjector
     image = (D * W + W) + (h + w) * W + W + cfg.image_embedder_depth * block_params(cfg)
     image += (W * hw + hw) + (hw * hw + hw)
+    if cfg.diffusion.get("mean_loss"):
+        image += hw * D + D  # the auxiliary mean read-out of the condition
     head = ((D * hw + hw) + (256 * hw + hw) + (hw * hw + hw) + (hw * hw + hw)  # in, time MLP, cond
             + hd * (2 * (hw * hw + hw) + (hw * 3 * hw + 3 * hw))  # residual AdaLN blocks
             + (hw * 2 * hw + 2 * hw) + (hw * D + D))  # final AdaLN + output
