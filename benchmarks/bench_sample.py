@@ -34,9 +34,13 @@ def generation_config(preset: Optional[Path] = None, **overrides):
     return OmegaConf.merge(gen, overrides)
 
 
-def describe(gen) -> str:
+def describe(gen, tokens: Optional[int] = None) -> str:
+    """The settings in words; `tokens`: image tokens per image (iterations run at most one per token)."""
     guidance = f"CFG {gen.cfg:g} ({gen.cfg_schedule})" if gen.cfg != 1 else "no CFG"
-    return f"{gen.iterations} iterations × {gen.diffusion_steps} {gen.sampler.upper()} steps, {guidance}"
+    its = f"{gen.iterations} iterations"
+    if tokens is not None and gen.iterations > tokens:
+        its += f" (run as {tokens}: one per image token)"
+    return f"{its} × {gen.diffusion_steps} {gen.sampler.upper()} steps, {guidance}"
 
 
 def timed(fn):
@@ -61,7 +65,7 @@ def checker_accuracy(images: np.ndarray, prompts: List[str]) -> float:
 
 def images_per_second(inf: InferenceModel, prompts: List[str], gen, batch_size: int) -> dict:
     images, seconds = timed(lambda: inf.text_to_image(prompts, gen, seed=0, batch_size=batch_size))
-    return {"settings": describe(gen), "images_s": len(prompts) / seconds, "seconds": seconds,
+    return {"settings": describe(gen, inf.layout.num_image_tokens), "images_s": len(prompts) / seconds, "seconds": seconds,
             "accuracy": checker_accuracy(images, prompts)}
 
 

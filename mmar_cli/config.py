@@ -202,13 +202,13 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class GenerationConfig:
-    cfg: float = opt(1.0, "classifier-free guidance scale at the last iteration (1: off)", min=0.0)
+    cfg: float = opt(3.0, "classifier-free guidance scale at the last iteration (1: off)", min=0.0)
     cfg_schedule: str = opt("linear", "how the CFG scale moves over the iterations",
                             choices=["linear", "constant"])
     temperature: float = opt(1.0, "diffusion sampling temperature", min=0.0)
-    iterations: int = opt(8, "autoregressive iterations (cosine schedule)", min=1)
-    diffusion_steps: int = opt(25, "diffusion head sampling steps", min=1)
-    sampler: str = opt("ddim", "diffusion sampler", choices=["ddpm", "ddim"])
+    iterations: int = opt(8, "autoregressive iterations (cosine schedule; at most one per image token)", min=1)
+    diffusion_steps: int = opt(10, "diffusion head sampling steps", min=1)
+    sampler: str = opt("ddpm", "diffusion sampler", choices=["ddpm", "ddim"])
     shared_noise: bool = opt(False, "all tokens of an image start from one noise draw (their samples then agree "
                                     "where their conditions agree, e.g. on one background)")
     max_new_tokens: int = opt(24, "text tokens to generate at most", min=1)

@@ -258,6 +258,18 @@ def test_same_seed_same_image_and_batch_equals_alone(model, sampler):
     assert not torch.allclose(a, model.generate_images(cond, uncond, gen, S.boi, seeded(12, 13), pad_id=S.pad))
 
 
+def test_more_iterations_than_tokens_draws_one_token_per_iteration(model):
+    """MAR's 64 iterations on a 6-token image: capped at 6, each token drawn once (it used to draw
+    most of them in the first iteration)."""
+    cond, _ = t2i_prompts(model)
+    n = model.layout.num_image_tokens
+    many = model.generate_images(cond, None, gen_config(iterations=64), S.boi, seeded(1, 2), pad_id=S.pad)
+    capped = model.generate_images(cond, None, gen_config(iterations=n), S.boi, seeded(1, 2), pad_id=S.pad)
+    assert torch.equal(many, capped)
+    with pytest.raises(ValueError, match="at most one iteration per token"):
+        cosine_known(0, n + 1, n)
+
+
 def test_cfg_one_is_exactly_the_conditional_path(model):
     cond, uncond = t2i_prompts(model)
     plain = model.generate_images(cond, None, gen_config(cfg=1.0), S.boi, seeded(1, 2), pad_id=S.pad)

@@ -103,6 +103,8 @@ def truncated_normal(n: int, mean: float, std: float, low: float, high: float, d
 def cosine_known(step: int, iterations: int, n: int) -> int:
     """Image tokens known after iteration `step` (0-based): 1 - cos(pi/2 (step+1)/K) of them, at least
     one more than before and all of them at the end."""
+    if iterations > n:
+        raise ValueError(f"{iterations} iterations for {n} tokens: at most one iteration per token")
     if step + 1 >= iterations:
         return n
     before = 0 if step == 0 else cosine_known(step - 1, iterations, n)
@@ -248,7 +250,8 @@ class MMAR(nn.Module):
 
         uncond_ids: the unconditional prompts for classifier-free guidance (None or gen.cfg == 1: none).
         generator: one generator, or one per row: then each row's image is what it would be alone.
-        The prompt runs once and its keys/values are cached; each of the gen.iterations steps re-runs
+        The prompt runs once and its keys/values are cached; each of the gen.iterations steps (at most
+        one per image token: more would have nothing to draw) re-runs
         BOI + image with the known tokens filled in and the rest masked, and draws the next tokens (in a
         random order per row) with the diffusion head.
         """
@@ -287,16 +290,17 @@ class MMAR(nn.Module):
         tokens = torch.zeros(B, N, D, device=dev)
         known = torch.zeros(B, N, dtype=torch.bool, device=dev)
         n_known = 0
-        for step in range(gen.iterations):
+        iterations = min(gen.iterations, N)
+        for step in range(iterations):
             image = self.image_embed(tokens, ~known).to(boi.dtype)
             x = torch.cat((boi, image.repeat(R // B, 1, 1)), dim=1)
             h = self.backbone(x, positions[P:], mask[:, :, P:], cache, update_cache=False)
             z = self.vis_proj(h[:, 1:])  # [R, N, C]: the condition of every image position
 
-            n_next = cosine_known(step, gen.iterations, N)
+            n_next = cosine_known(step, iterations, N)
             idx = orders[:, n_known:n_next]  # [B, m]: this step's new positions
             cond = z.gather(1, idx.repeat(R // B, 1)[..., None].expand(-1, -1, z.shape[-1]))
-            scale = 1.0 + (gen.cfg - 1.0) * ((step + 1) / gen.iterations if gen.cfg_schedule == "linear" else 1.0)
+            scale = 1.0 + (gen.cfg - 1.0) * ((step + 1) / iterations if gen.cfg_schedule == "linear" else 1.0)
 
             def denoise(x_t, t):
                 m = x_t.shape[1]
