@@ -96,6 +96,15 @@ def test_mean_loss_regresses_each_masked_token_from_its_condition():
         assert model.get_parameter(name).grad.abs().sum() > 0, name
 
 
+def test_embed_init_std_sets_what_the_backbone_reads_first():
+    big, small = make_model(embed_init_std=0.3, width=128), make_model(width=128)
+    for model, std in ((big, 0.3), (small, 0.02)):
+        for p in (model.backbone.embed_tokens.weight, model.image_embed.mask_embed, model.image_embed.row_embed):
+            assert abs(float(p.std()) - std) < 0.25 * std
+    # the rest of the backbone keeps its init
+    assert abs(float(big.backbone.layers[0].mlp.up_proj.weight.std()) - 0.02) < 0.002
+
+
 def test_text_loss_is_the_cross_entropy_of_the_supervised_suffix(model):
     batch = a_batch(model, (CAPTION,))
     out = model(batch)

@@ -159,6 +159,12 @@ class MMAR(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
+        # What the backbone reads first: text, and masked image positions (their mask and position
+        # embeddings). At 0.02 these are far smaller than the projected values of known image tokens.
+        std = self.cfg.get("embed_init_std", 0.02)
+        for p in (self.backbone.embed_tokens.weight, self.image_embed.mask_embed, self.image_embed.row_embed,
+                  self.image_embed.col_embed):
+            nn.init.normal_(p, std=std)
 
     @property
     def layout(self) -> Layout:
