@@ -65,8 +65,8 @@ def checker_accuracy(images: np.ndarray, prompts: List[str]) -> float:
 
 def images_per_second(inf: InferenceModel, prompts: List[str], gen, batch_size: int) -> dict:
     images, seconds = timed(lambda: inf.text_to_image(prompts, gen, seed=0, batch_size=batch_size))
-    return {"settings": describe(gen, inf.layout.num_image_tokens), "images_s": len(prompts) / seconds, "seconds": seconds,
-            "accuracy": checker_accuracy(images, prompts)}
+    return {"settings": describe(gen, inf.layout.num_image_tokens), "images_s": len(prompts) / seconds,
+            "seconds": seconds, "accuracy": checker_accuracy(images, prompts)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,9 +36,12 @@ class EmbeddingViT(nn.Module):
         super().__init__()
         self.grid = tuple(cfg.image_grid)
         self.proj = nn.Linear(cfg.token_dim, cfg.width)
-        self.row_embed = nn.Parameter(torch.randn(self.grid[0], cfg.width) * 0.02)
-        self.col_embed = nn.Parameter(torch.randn(self.grid[1], cfg.width) * 0.02)
-        self.mask_embed = nn.Parameter(torch.randn(cfg.width) * 0.02)
+        # what the backbone reads at masked positions: at GPT-2's 0.02 these are far smaller than the
+        # projected values of known tokens (model.embed_init_std)
+        std = cfg.get("embed_init_std", 0.02)
+        self.row_embed = nn.Parameter(torch.randn(self.grid[0], cfg.width) * std)
+        self.col_embed = nn.Parameter(torch.randn(self.grid[1], cfg.width) * std)
+        self.mask_embed = nn.Parameter(torch.randn(cfg.width) * std)
         self.blocks = nn.ModuleList(block_from_cfg(cfg) for _ in range(cfg.image_embedder_depth))
         self.rotary = RotaryEmbedding(cfg.width // cfg.heads, cfg.rope_theta)
 
@@ -157,14 +160,8 @@ class MMAR(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
-        # What the backbone reads first: text, and masked image positions (their mask and position
-        # embeddings). At 0.02 these are far smaller than the projected values of known image tokens.
-        std = self.cfg.get("embed_init_std", 0.02)
-        for p in (self.backbone.embed_tokens.weight, self.image_embed.mask_embed, self.image_embed.row_embed,
-                  self.image_embed.col_embed):
-            nn.init.normal_(p, std=std)
+            elif isinstance(m, nn.Embedding):  # the text the backbone reads (model.embed_init_std)
+                nn.init.normal_(m.weight, std=self.cfg.get("embed_init_std", 0.02))
 
     @property
     def layout(self) -> Layout:
@@ -215,14 +212,15 @@ class MMAR(nn.Module):
         # diffusion loss on masked tokens of generation rows
         rows = torch.arange(B, device=ids.device)[:, None].expand_as(masked)[masked]
         z = self.vis_proj(h[:, lay.image_start:lay.image_end][masked])
-        tok_loss = self.diffusion.loss(self.head, tokens[masked], z, self.cfg.diffusion.batch_mul)
+        target = tokens[masked]
+        tok_loss = self.diffusion.loss(self.head, target, z, self.cfg.diffusion.batch_mul)
         # sum/count rather than mean: a batch without such tokens still gives every parameter a (zero)
         # gradient, which DDP requires
         loss_img = tok_loss.sum() / max(tok_loss.numel(), 1)
         if self.mean_head is not None:
             # MAR's head conditions through zero-initialised AdaLN, so the backbone's gradient starts at
             # 0 and grows slowly; regressing E[x0 | condition] gives it a direct one from step one.
-            err = ((self.mean_head(z).float() - tokens[masked].float()) ** 2).mean(-1)
+            err = ((self.mean_head(z).float() - target.float()) ** 2).mean(-1)
             loss_mean = err.sum() / max(err.numel(), 1)
         else:
             loss_mean = None
@@ -284,14 +282,10 @@ class MMAR(nn.Module):
         def noise(m: int):
             """The sampler's noise for m tokens: independent per token, or the image's shared start
             followed by fresh draws shared by the m tokens."""
-            calls = []
-
-            def draw():
-                calls.append(1)
-                if not shared:
-                    return _randn_rows(gens, (m, D), dev)
-                return (start if len(calls) == 1 else _randn_rows(gens, (1, D), dev)).expand(-1, m, -1)
-            return draw
+            if not shared:
+                return lambda: _randn_rows(gens, (m, D), dev)
+            pending = [start]
+            return lambda: (pending.pop() if pending else _randn_rows(gens, (1, D), dev)).expand(-1, m, -1)
 
         tokens = torch.zeros(B, N, D, device=dev)
         known = torch.zeros(B, N, dtype=torch.bool, device=dev)
@@ -315,8 +309,8 @@ class MMAR(nn.Module):
                 pred = self.head(x_in, t_in, cond.reshape(-1, cond.shape[-1])).float().view(R, m, D)
                 return cfg_combine(pred[:B], pred[B:], scale) if guided else pred
 
-            values = self.diffusion.sample(denoise, noise(idx.shape[1]), gen.diffusion_steps, gen.sampler, gen.temperature,
-                                           self.cfg.get("token_bound"))
+            values = self.diffusion.sample(denoise, noise(idx.shape[1]), gen.diffusion_steps, gen.sampler,
+                                           gen.temperature, self.cfg.get("token_bound"))
             tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, D), values.to(tokens.dtype))
             known = known.scatter(1, idx, True)
             n_known = n_next
