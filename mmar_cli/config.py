@@ -119,6 +119,10 @@ class ModelConfig:
                                       "(0.02: GPT-2's; with 6 blocks on the built-in data, 0.3 learnt to use "
                                       "the prompt in 150 steps and 0.02 had not after 600)", min=0.0)
     image_embedder_depth: int = opt(0, "ViT blocks in the image embedder (0: a linear layer)", min=0)
+    image_proj_hidden: int = opt(0, "hidden width of an MLP that embeds image token values (0: one linear "
+                                    "layer)", min=0)
+    image_proj_kernel: int = opt(1, "size k of the k x k window of the token grid the image embedding reads "
+                                    "(1: each token alone; 3: its neighbours too)", choices=[1, 3, 5])
     diffusion: DiffusionHeadConfig = opt(factory=DiffusionHeadConfig, help="diffusion head")
     mask_min: float = opt(0.7, "lowest mask ratio of masked image modelling (pretrain 0.7, finetune 0.0)",
                           min=0.0, max=1.0)
@@ -205,10 +209,10 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class GenerationConfig:
-    cfg: float = opt(3.0, "classifier-free guidance scale at the last iteration (1: off)", min=0.0)
+    cfg: float = opt(2.0, "classifier-free guidance scale at the last iteration (1: off)", min=0.0)
     cfg_schedule: str = opt("linear", "how the CFG scale moves over the iterations",
                             choices=["linear", "constant"])
-    temperature: float = opt(1.0, "diffusion sampling temperature", min=0.0)
+    temperature: float = opt(0.5, "diffusion sampling temperature (scales the noise of each sampling step)", min=0.0)
     iterations: int = opt(8, "autoregressive iterations (cosine schedule; at most one per image token)", min=1)
     diffusion_steps: int = opt(10, "diffusion head sampling steps", min=1)
     sampler: str = opt("ddpm", "diffusion sampler", choices=["ddpm", "ddim"])

@@ -51,6 +51,7 @@ def test_qwen2_7b_backbone_count_is_7_6b():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False, qkv_bias=True, image_embedder_depth=2),
+                                dict(image_proj_hidden=48),
                                 dict(diffusion=DiffusionHeadConfig(mean_loss=1.0))])
 def test_count_params_matches_the_real_modules(kw):
     cfg = small_cfg(**kw)

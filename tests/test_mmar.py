@@ -146,6 +146,25 @@ def test_masked_positions_carry_the_mask_embedding_not_their_values(model):
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kw", [dict(image_proj_kernel=3), dict(image_proj_kernel=3, image_proj_hidden=32),
+                                dict(image_proj_hidden=32)])
+def test_image_embedding_reads_known_neighbours_and_never_masked_values(kw):
+    model = make_model(image_grid=[4, 4], **kw)
+    tokens = torch.randn(1, 16, 3)
+    masked = torch.zeros(1, 16, dtype=torch.bool)
+    masked[0, [5, 15]] = True
+    with torch.no_grad():
+        base = model.image_embed(tokens, masked)
+        hidden_value = model.image_embed(tokens + 7.0 * masked[..., None], masked)
+        torch.testing.assert_close(base, hidden_value)  # a masked value reaches no position
+        moved = tokens.clone()
+        moved[0, 0] += 1.0  # known token at (row 0, col 0)
+        delta = (model.image_embed(moved, masked) - base).abs().amax(-1)[0]
+    changed = set(torch.nonzero(delta > 1e-6).flatten().tolist())
+    # a 3x3 window: (0,0) reaches (0,1), (1,0), (1,1) = positions 1, 4, 5 (5 is masked and still reads it)
+    assert changed == ({0, 1, 4, 5} if kw.get("image_proj_kernel") == 3 else {0})
+
+
 def test_mask_ratios_follow_the_truncated_normal():
     model = make_model(mask_min=0.5, mask_std=0.25, image_grid=[8, 8])
     gen_rows = torch.tensor([True] * 2000 + [False] * 10)

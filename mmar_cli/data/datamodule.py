@@ -179,3 +179,8 @@ class ShardDataModule(L.LightningDataModule):
                             rank=rank, world=world, start_batch=self.start_batch)
         return DataLoader(data, batch_size=None, num_workers=t.num_workers,
                           persistent_workers=False, prefetch_factor=2 if t.num_workers else None)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        if device.type == "cpu":  # already there: skip Lightning's walk over every key and sample name
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)

@@ -96,7 +96,8 @@ class TrainModule(L.LightningModule):
     # -- optimizer ----------------------------------------------------------------------------------
     def configure_optimizers(self):
         o, t = self.cfg.optim, self.cfg.trainer
-        opt = torch.optim.AdamW(param_groups(self.model, o), lr=o.lr, betas=(o.beta1, o.beta2))
+        # foreach: one kernel per group instead of per tensor (torch picks it by default on CUDA only)
+        opt = torch.optim.AdamW(param_groups(self.model, o), lr=o.lr, betas=(o.beta1, o.beta2), foreach=True)
         fn = functools.partial(lr_factor, warmup=o.warmup_steps, max_steps=t.max_steps,
                                schedule=o.schedule, min_ratio=o.min_lr_ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)

@@ -30,12 +30,24 @@ Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
 # --------------------------------------------------------------------------------------------------
 class EmbeddingViT(nn.Module):
     """Image tokens [B, N, D] -> backbone width: values + learned row/column position, masked tokens
-    replaced by a learned mask embedding, then `depth` bidirectional blocks (0: just the linear map)."""
+    replaced by a learned mask embedding, then `depth` bidirectional blocks (0: just the linear map).
+
+    The values go through a linear map (`image_proj_hidden` > 0: an MLP) of each token, or with
+    `image_proj_kernel` k > 1 through a k x k convolution over the token grid, so a position also sees its
+    neighbours: a shape split over patches is then visible at one position, and a masked position reads
+    the known tokens around it (their values are zeroed where masked, and a channel says which are known).
+    """
 
     def __init__(self, cfg):
         super().__init__()
         self.grid = tuple(cfg.image_grid)
-        self.proj = nn.Linear(cfg.token_dim, cfg.width)
+        hidden, self.kernel = cfg.get("image_proj_hidden", 0), cfg.get("image_proj_kernel", 1)
+        if self.kernel > 1:  # each position also reads its known neighbours' values (and which are known)
+            out = hidden or cfg.width
+            self.proj = nn.Conv2d(cfg.token_dim + 1, out, self.kernel, padding=self.kernel // 2)
+        else:
+            self.proj = nn.Linear(cfg.token_dim, hidden or cfg.width)
+        self.proj_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, cfg.width)) if hidden else nn.Identity()
         # what the backbone reads at masked positions: at GPT-2's 0.02 these are far smaller than the
         # projected values of known tokens (model.embed_init_std)
         std = cfg.get("embed_init_std", 0.02)
@@ -46,9 +58,16 @@ class EmbeddingViT(nn.Module):
         self.rotary = RotaryEmbedding(cfg.width // cfg.heads, cfg.rope_theta)
 
     def forward(self, tokens: torch.Tensor, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.proj(tokens)
-        if masked is not None:
-            x = torch.where(masked[..., None], self.mask_embed.to(x.dtype), x)
+        if self.kernel > 1:  # masked values are zeroed first: nothing of them leaks to a neighbour
+            known = torch.ones_like(tokens[..., :1]) if masked is None else (~masked)[..., None].to(tokens.dtype)
+            grid = torch.cat([tokens * known, known], -1).transpose(1, 2).unflatten(2, self.grid)
+            x = self.proj_out(self.proj(grid).flatten(2).transpose(1, 2))
+            if masked is not None:
+                x = x + masked[..., None] * self.mask_embed.to(x.dtype)
+        else:
+            x = self.proj_out(self.proj(tokens))
+            if masked is not None:
+                x = torch.where(masked[..., None], self.mask_embed.to(x.dtype), x)
         pos = (self.row_embed[:, None] + self.col_embed[None, :]).reshape(-1, x.shape[-1])
         x = x + pos.to(x.dtype)
         if self.blocks:
@@ -204,7 +223,7 @@ class MMAR(nn.Module):
         w_txt = self.w_txt if w_txt is None else w_txt
         lay = self.layout
         ids, valid = batch["text_ids"], batch["valid"]
-        tokens = batch["image_tokens"].to(self.image_embed.proj.weight.dtype)
+        tokens = batch["image_tokens"].to(self.image_embed.mask_embed.dtype)
         B = ids.shape[0]
         masked = self.random_mask(batch["gen_rows"])
         h = self.hidden_states(ids, valid, tokens, masked)
@@ -339,7 +358,7 @@ class MMAR(nn.Module):
         valid[:, :lay.prefix_len] = prefix_ids != pad_id
         mask = build_attention_mask(lay.image_span(), valid)
         positions = torch.arange(lay.length, device=dev)
-        x = self.embed(ids, image_tokens.to(self.image_embed.proj.weight.dtype))
+        x = self.embed(ids, image_tokens.to(self.image_embed.mask_embed.dtype))
         cache = self.backbone.new_cache() if use_cache else None
 
         end = lay.suffix_start  # positions [0, end) are known
