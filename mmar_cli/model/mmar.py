@@ -41,7 +41,7 @@ class EmbeddingViT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.grid = tuple(cfg.image_grid)
-        hidden, self.kernel = cfg.get("image_proj_hidden", 0), cfg.get("image_proj_kernel", 1)
+        hidden, self.kernel = cfg.image_proj_hidden, cfg.image_proj_kernel
         if self.kernel > 1:  # each position also reads its known neighbours' values (and which are known)
             out = hidden or cfg.width
             self.proj = nn.Conv2d(cfg.token_dim + 1, out, self.kernel, padding=self.kernel // 2)
@@ -50,7 +50,7 @@ class EmbeddingViT(nn.Module):
         self.proj_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, cfg.width)) if hidden else nn.Identity()
         # what the backbone reads at masked positions: at GPT-2's 0.02 these are far smaller than the
         # projected values of known tokens (model.embed_init_std)
-        std = cfg.get("embed_init_std", 0.02)
+        std = cfg.embed_init_std
         self.row_embed = nn.Parameter(torch.randn(self.grid[0], cfg.width) * std)
         self.col_embed = nn.Parameter(torch.randn(self.grid[1], cfg.width) * std)
         self.mask_embed = nn.Parameter(torch.randn(cfg.width) * std)
@@ -180,7 +180,7 @@ class MMAR(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):  # the text the backbone reads (model.embed_init_std)
-                nn.init.normal_(m.weight, std=self.cfg.get("embed_init_std", 0.02))
+                nn.init.normal_(m.weight, std=self.cfg.embed_init_std)
 
     @property
     def layout(self) -> Layout:

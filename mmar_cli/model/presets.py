@@ -73,7 +73,7 @@ def count_params(cfg) -> dict:
     hw, hd = cfg.diffusion.width, cfg.diffusion.depth
     backbone = V * W * (1 if cfg.tie_embeddings else 2) + cfg.depth * block_params(cfg) + W
     # EmbeddingViT (linear or MLP in, row + column positions, mask embedding, optional blocks) + VisProjector
-    ph, k = cfg.get("image_proj_hidden", 0), cfg.get("image_proj_kernel", 1)
+    ph, k = cfg.image_proj_hidden, cfg.image_proj_kernel
     d_in = D if k == 1 else (D + 1) * k * k  # a k x k convolution also reads a 'known' channel
     image = (d_in * (ph or W) + (ph or W)) + ((ph * W + W) if ph else 0) + (h + w) * W + W
     image += cfg.image_embedder_depth * block_params(cfg)
