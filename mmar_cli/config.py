@@ -214,7 +214,7 @@ class GenerationConfig:
                             choices=["linear", "constant"])
     temperature: float = opt(0.5, "diffusion sampling temperature (scales the noise of each sampling step)", min=0.0)
     iterations: int = opt(8, "autoregressive iterations (cosine schedule; at most one per image token)", min=1)
-    diffusion_steps: int = opt(8, "diffusion head sampling steps", min=1)
+    diffusion_steps: int = opt(10, "diffusion head sampling steps", min=1)
     sampler: str = opt("ddpm", "diffusion sampler", choices=["ddpm", "ddim"])
     shared_noise: bool = opt(False, "all tokens of an image start from one noise draw (their samples then agree "
                                     "where their conditions agree, e.g. on one background)")
