@@ -67,10 +67,13 @@ def images_per_second(inf: InferenceModel, prompts: List[str], gen, batch_size: 
                       min_seconds: float = 0.0) -> dict:
     """Images/s of the fastest of as many runs as fill `min_seconds` (at least one), as timeit does: a
     run of a few seconds moves by a third with the machine's load. Every run draws the same images."""
-    images, seconds = timed(lambda: inf.text_to_image(prompts, gen, seed=0, batch_size=batch_size))
+    def run():
+        return inf.text_to_image(prompts, gen, seed=0, batch_size=batch_size)
+
+    images, seconds = timed(run)
     times = [seconds]
     while sum(times) < min_seconds:
-        times.append(timed(lambda: inf.text_to_image(prompts, gen, seed=0, batch_size=batch_size))[1])
+        times.append(timed(run)[1])
     return {"settings": describe(gen, inf.layout.num_image_tokens), "images_s": len(prompts) / min(times),
             "seconds": min(times), "runs": len(times), "accuracy": checker_accuracy(images, prompts)}
 

@@ -190,11 +190,9 @@ def measure_sampling(ckpt: Path, trained_here: bool, sizes: Sizes) -> dict:
     reference = bench_sample.generation_config(bench_sample.REFERENCE_PRESET)
     result = {"ckpt": str(ckpt), "trained_here": trained_here, "prompts": len(prompts), "batch": sizes.batch,
               "min_sampling_s": sizes.min_sampling_s}
-    result["default"] = bench_sample.images_per_second(inf, prompts, default, sizes.batch,
-                                                             sizes.min_sampling_s)
+    result["default"] = bench_sample.images_per_second(inf, prompts, default, sizes.batch, sizes.min_sampling_s)
     log(f"sampling default: {result['default']['images_s']:.2f} images/s, {result['default']['accuracy']:.1f} %")
-    result["reference"] = bench_sample.images_per_second(inf, prompts, reference, sizes.batch,
-                                                             sizes.min_sampling_s)
+    result["reference"] = bench_sample.images_per_second(inf, prompts, reference, sizes.batch, sizes.min_sampling_s)
     log(f"sampling reference: {result['reference']['images_s']:.3f} images/s, "
         f"{result['reference']['accuracy']:.1f} %")
     few = prompts[:sizes.variant_prompts]
