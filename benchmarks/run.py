@@ -373,7 +373,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
 def run(args: argparse.Namespace, command: str) -> dict:
     from mmar_cli.data.shards import load_tokenizers
 
+    from mmar_cli.inference import checkpoint_dir
+
     sizes = QUICK if args.quick else Sizes()
+    # a mistyped --ckpt is refused now, not after the training measurements
+    ckpt = checkpoint_dir(args.ckpt) if args.ckpt else None if args.quick else find_checkpoint()
     start, load_start = datetime.datetime.now(), load_average()
     with tempfile.TemporaryDirectory(prefix="mmar-bench-") as tmp:
         log(f"tokenizing {sizes.num_train} built-in samples into {tmp}")
@@ -382,7 +386,6 @@ def run(args: argparse.Namespace, command: str) -> dict:
         training = measure_training(tok, image_tok.token_dim, sizes)
         scaling = measure_scaling(tok, image_tok.token_dim, sizes)
         data = measure_data(shard_dir, sizes)
-        ckpt = Path(args.ckpt) if args.ckpt else None if args.quick else find_checkpoint()
         trained_here = ckpt is None
         if trained_here:
             kind = "toy model" if sizes.fallback_model else "tiny preset"
@@ -405,4 +408,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from mmar_cli.errors import UserError
+
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")

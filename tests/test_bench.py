@@ -101,3 +101,13 @@ def test_quick_run_writes_every_section(tmp_path):
     assert [r["workers"] for r in res["data"]] == [0, 1] and all(0 <= r["wait_frac"] < 1 for r in res["data"])
     assert s["trained_here"] and "undertrained" in text
     assert 0 <= s["default"]["accuracy"] <= 100 and s["cache"]["max_diff"] < 1e-4 and s["text"]["same"]
+
+
+def test_a_missing_checkpoint_is_refused_before_anything_is_measured(tmp_path, monkeypatch):
+    from mmar_cli.errors import UserError
+
+    monkeypatch.setattr(bench_run, "tokenize_shapes", lambda *a: pytest.fail("measured before checking --ckpt"))
+    out = tmp_path / "results.md"
+    with pytest.raises(UserError, match="nope is not a directory"):
+        bench_run.main(["--quick", "--ckpt", str(tmp_path / "nope"), "--out", str(out)])
+    assert not out.exists()
