@@ -40,7 +40,7 @@ def describe(gen, tokens: Optional[int] = None) -> str:
     its = f"{gen.iterations} iterations"
     if tokens is not None and gen.iterations > tokens:
         its += f" (run as {tokens}: one per image token)"
-    return f"{its} × {gen.diffusion_steps} {gen.sampler.upper()} steps, {guidance}"
+    return f"{its} × {gen.diffusion_steps} {gen.sampler.upper()} steps, {guidance}, {gen.precision}"
 
 
 def timed(fn):
@@ -93,24 +93,25 @@ class RecomputePrefix(nn.Module):
     def new_cache(self) -> dict:
         return {}
 
-    def forward(self, x, positions, mask, cache: dict, update_cache: bool = True):
+    def forward(self, x, positions, mask, cache: dict, update_cache: bool = True, keep=None):
         if update_cache:  # the prompt pass: remember it, compute nothing
             cache.update(x=x, positions=positions, mask=mask)
             return x
         prompt_mask, P = cache["mask"], cache["x"].shape[1]
         # the prompt's rows see only the prompt (causal): nothing of the image
         prompt_rows = torch.cat((prompt_mask, prompt_mask.new_zeros(*prompt_mask.shape[:3], mask.shape[3] - P)), 3)
-        h = self.inner(torch.cat((cache["x"], x), 1), torch.cat((cache["positions"], positions)),
-                       torch.cat((prompt_rows, mask), dim=2))
-        return h[:, P:]
+        return self.inner(torch.cat((cache["x"], x), 1), torch.cat((cache["positions"], positions)),
+                          torch.cat((prompt_rows, mask), dim=2), keep=None if keep is None else P + keep)
 
 
 def prompt_cache_speedup(inf: InferenceModel, prompts: List[str], gen) -> dict:
     """generate_images() with the prompt's keys/values cached vs the prompt re-run every iteration."""
     model, s = inf.model, inf.text_tok.specials
     prefix = inf.encode(T2I, prompts).to(inf.device)
-    run = lambda: model.generate_images(prefix, None, gen, s.boi, row_generators(0, 0, len(prompts)),  # noqa: E731
-                                        pad_id=s.pad)
+    def run():
+        with inf.autocast(gen):
+            return model.generate_images(prefix, None, gen, s.boi, row_generators(0, 0, len(prompts)), pad_id=s.pad)
+
     cached, with_cache = timed(run)
     backbone = model.backbone
     model.backbone = RecomputePrefix(backbone)
@@ -127,10 +128,14 @@ def batched_cfg_speedup(inf: InferenceModel, prompts: List[str], gen) -> dict:
     model, s = inf.model, inf.text_tok.specials
     prefix = inf.encode(T2I, prompts).to(inf.device)
     uncond = inf.encode(UNCOND, [""]).expand(len(prompts), -1).to(inf.device)
-    gens = lambda: row_generators(0, 0, len(prompts))  # noqa: E731
-    _, one_batch = timed(lambda: model.generate_images(prefix, uncond, gen, s.boi, gens(), pad_id=s.pad))
-    _, cond_pass = timed(lambda: model.generate_images(prefix, None, gen, s.boi, gens(), pad_id=s.pad))
-    _, uncond_pass = timed(lambda: model.generate_images(uncond, None, gen, s.boi, gens(), pad_id=s.pad))
+    def run(rows, unconditional):
+        with inf.autocast(gen):
+            return model.generate_images(rows, unconditional, gen, s.boi, row_generators(0, 0, len(prompts)),
+                                         pad_id=s.pad)
+
+    _, one_batch = timed(lambda: run(prefix, uncond))
+    _, cond_pass = timed(lambda: run(prefix, None))
+    _, uncond_pass = timed(lambda: run(uncond, None))
     return {"one_batch_s": one_batch, "two_passes_s": cond_pass + uncond_pass,
             "speedup": (cond_pass + uncond_pass) / one_batch}
 

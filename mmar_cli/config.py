@@ -127,6 +127,8 @@ class ModelConfig:
     mask_min: float = opt(0.7, "lowest mask ratio of masked image modelling (pretrain 0.7, finetune 0.0)",
                           min=0.0, max=1.0)
     mask_std: float = opt(0.25, "std of the truncated normal (mean 1) the mask ratio is drawn from", min=0.0)
+    known_noise: float = opt(0.0, "std of Gaussian noise added to the known image tokens of generation rows "
+                                  "in training (sampling conditions on the model's own draws; 0: off)", min=0.0)
     max_prefix_len: int = opt(24, "text tokens before the image (prompt / question), left-padded", min=2)
     max_suffix_len: int = opt(24, "text tokens after the image (caption / answer), right-padded", min=2)
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
@@ -218,6 +220,8 @@ class GenerationConfig:
     sampler: str = opt("ddpm", "diffusion sampler", choices=["ddpm", "ddim"])
     shared_noise: bool = opt(False, "all tokens of an image start from one noise draw (their samples then agree "
                                     "where their conditions agree, e.g. on one background)")
+    precision: str = opt("bf16", "arithmetic of sampling: 'bf16' (autocast: matmuls in bfloat16, what training "
+                                 "runs in) or 'fp32'", choices=["bf16", "fp32"])
     max_new_tokens: int = opt(24, "text tokens to generate at most", min=1)
     top_k: int = opt(0, "top-k text sampling (0: off; with top_p 1 and temperature 0: greedy)", min=0)
     top_p: float = opt(1.0, "nucleus text sampling", min=0.0, max=1.0)

@@ -96,6 +96,10 @@ class InferenceModel:
     def image_size(self) -> int:
         return self.image_tok.image_size
 
+    def autocast(self, gen):
+        """The arithmetic of gen.precision: bf16 autocast, or plain fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=gen.precision == "bf16")
+
     # ---------------------------------------------------------------------------------------------
     def encode(self, task: int, texts: Sequence[str], what: str = "prompt") -> torch.Tensor:
         """[B, P] left-padded prefixes; an empty prompt or one longer than the model's prefix is refused."""
@@ -117,7 +121,8 @@ class InferenceModel:
             rows = prefix[start:start + batch_size].to(self.device)
             un = None if uncond is None else uncond.expand(len(rows), -1).to(self.device)
             gens = row_generators(seed, first_row + start, len(rows))
-            tokens = self.model.generate_images(rows, un, gen, s.boi, gens, pad_id=s.pad)
+            with self.autocast(gen):
+                tokens = self.model.generate_images(rows, un, gen, s.boi, gens, pad_id=s.pad)
             images.append(self.image_tok.decode(tokens.float().cpu()))
         return np.concatenate(images)
 
@@ -133,7 +138,8 @@ class InferenceModel:
             rows = prefix[start:start + batch_size].to(self.device)
             tokens = torch.as_tensor(image_tokens[start:start + batch_size]).float().to(self.device)
             gens = row_generators(seed, start, len(rows))
-            out = self.model.generate_text(tokens, rows, gen, s.boi, s.eoi, s.eos, use_cache, gens, pad_id=s.pad)
+            with self.autocast(gen):
+                out = self.model.generate_text(tokens, rows, gen, s.boi, s.eoi, s.eos, use_cache, gens, pad_id=s.pad)
             texts += [self.text_tok.decode(ids).strip() for ids in out]
         return texts
 

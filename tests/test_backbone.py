@@ -108,6 +108,28 @@ def test_kv_cache_incremental_equals_full_pass():
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_kept_positions_equal_the_full_pass_at_those_positions():
+    # generation reads out only the positions it draws next: the last block runs on them alone
+    torch.manual_seed(0)
+    cfg = small_cfg(depth=3)
+    bb = Backbone(cfg).eval()
+    L = 9
+    x = torch.randn(2, L, cfg.width)
+    valid = torch.ones(2, L, dtype=torch.bool)
+    valid[1, :2] = False
+    mask = build_attention_mask(torch.tensor([-1, -1, -1, 0, 0, 0, 0, 0, 0]), valid)
+    pos = torch.arange(L)
+    keep = torch.tensor([[2, 0], [5, 1]])  # [B, m]: other positions, another order per row
+    with torch.no_grad():
+        full = bb(x, pos, mask)
+        cache = bb.new_cache()
+        bb(x[:, :3], pos[:3], mask[:, :, :3, :3], cache)
+        kept = bb(x[:, 3:], pos[3:], mask[:, :, 3:], cache, update_cache=False, keep=keep)
+    assert kept.shape == (2, 2, cfg.width)
+    torch.testing.assert_close(kept, full[:, 3:].gather(1, keep[..., None].expand(-1, -1, cfg.width)),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     grads = []

@@ -50,6 +50,18 @@ def test_untrained_head_predicts_zero_and_accepts_bf16():
         assert head(torch.randn(4, 3), torch.tensor(7), torch.randn(4, 5)).dtype == torch.bfloat16
 
 
+def test_one_timestep_embedding_and_projected_conditions_give_the_same_prediction():
+    # what the sampler does: embed the step's t once, project each condition once for all steps
+    torch.manual_seed(0)
+    head = DiffusionHead(token_dim=3, cond_dim=5, width=16, depth=2)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, cond = torch.randn(4, 3), torch.randn(4, 5)
+    c = head.time(torch.tensor(250)) + head.cond_proj(cond)
+    assert head.time(torch.tensor(250)).shape == (1, 16)
+    torch.testing.assert_close(head.denoise(x, c), head(x, torch.full((4,), 250), cond))
+
+
 
 @pytest.mark.parametrize("prediction", ["v", "eps"])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])

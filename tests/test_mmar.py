@@ -135,6 +135,18 @@ def test_diffusion_loss_reads_only_masked_tokens_of_generation_rows(model):
     assert model(other)["loss_img"] != before["loss_img"]
 
 
+def test_known_noise_perturbs_what_generation_rows_see_and_never_understanding_rows():
+    noisy = make_model(known_noise=0.5).train()
+    clean = make_model(known_noise=1e-12).train()  # the same weights (seed 0) and random draws
+    for tasks, same in (((CAPTION, QA), True), ((T2I, T2I), False)):
+        batch = a_batch(clean, tasks)
+        torch.manual_seed(5)
+        a = clean(batch)
+        torch.manual_seed(5)
+        b = noisy(batch)
+        assert torch.equal(a["loss"], b["loss"]) is same, tasks
+
+
 def test_masked_positions_carry_the_mask_embedding_not_their_values(model):
     batch = a_batch(model, (T2I, T2I))
     masked = model.random_mask(batch["gen_rows"])

@@ -57,6 +57,21 @@ def test_fixed_seed_gives_the_same_images_whatever_the_batch_size(model):
     assert not np.array_equal(a[0], a[2])  # same prompt, another row: another image
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_precision_sets_the_arithmetic_of_both_directions(model, precision, dtype):
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+             for m in (model.model.head.out, model.model.backbone.lm_head)]
+    try:
+        images = model.text_to_image(PROMPTS[:1], gen(precision=precision), seed=0, batch_size=1)
+        caption = model.image_to_text(model.image_tok.encode(images), [None], gen(precision=precision), 0, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert images.shape == (1, 32, 32, 3) and len(caption) == 1
+    assert seen and set(seen) == {dtype}
+
+
 @pytest.mark.slow
 def test_cfg_scale_one_is_the_conditional_path(model):
     s = model.text_tok.specials

@@ -33,6 +33,11 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, T, C] at positions idx [B, m] -> [B, m, C]."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -74,14 +79,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * self.head_dim, width, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None, layer: int = 0,
-                update_cache: bool = True):
+                update_cache: bool = True, keep: Optional[torch.Tensor] = None):
+        """keep [B, m]: only these positions ask (queries, output [B, m, width]); all of x still answer."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        xq = x if keep is None else take(x, keep)
+        q = self.q_proj(xq).view(B, xq.shape[1], self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(q.dtype).unsqueeze(1), sin.to(q.dtype).unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        cos, sin = cos.to(q.dtype).expand(B, -1, -1), sin.to(q.dtype).expand(B, -1, -1)
+        cos_q, sin_q = (cos, sin) if keep is None else (take(cos, keep), take(sin, keep))
+        if keep is not None:
+            mask = mask.expand(B, -1, -1, -1).gather(2, keep[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
+        q = q * cos_q.unsqueeze(1) + rotate_half(q) * sin_q.unsqueeze(1)
+        k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
         if cache is not None:
             if cache.k[layer] is not None:
                 k = torch.cat((cache.k[layer].to(k.dtype), k), dim=2)
@@ -98,7 +108,7 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, xq.shape[1], -1))
 
 
 class MLP(nn.Module):
@@ -122,8 +132,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(width, eps)
         self.mlp = MLP(width, mlp_hidden)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, update_cache=True):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, update_cache)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, update_cache=True, keep=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, update_cache, keep)
+        x = (x if keep is None else take(x, keep)) + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -149,9 +160,12 @@ class Backbone(nn.Module):
         return KVCache(len(self.layers))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                cache: Optional[KVCache] = None, update_cache: bool = True) -> torch.Tensor:
+                cache: Optional[KVCache] = None, update_cache: bool = True,
+                keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, T, width] input embeddings at `positions` ([T] or [B, T]); mask [B, 1, T, T_cache + T]
-        bool. Returns the final-normed hidden states [B, T, width]."""
+        bool. Returns the final-normed hidden states [B, T, width], or with `keep` [B, m] (indices into
+        T) those of the kept positions only, [B, m, width]: the last block then runs its queries, MLP and
+        norm on them alone (image generation reads the positions it draws next, not the whole image)."""
         cos, sin = self.rotary(positions)
         if cos.dim() == 2:
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
@@ -159,7 +173,8 @@ class Backbone(nn.Module):
             if self.grad_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i, update_cache)
+                last = i == len(self.layers) - 1
+                x = block(x, cos, sin, mask, cache, i, update_cache, keep if last else None)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -65,9 +65,16 @@ class DiffusionHead(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        c = self.time_embed(timestep_features(t, self.FREQ_DIM)) + self.cond_proj(cond)
+        return self.denoise(x, self.time(t) + self.cond_proj(cond))
+
+    def time(self, t: torch.Tensor) -> torch.Tensor:
+        """Timestep embedding [n, width] of t [n], or [1, width] of one timestep (0-dim t): a sampler
+        whose tokens share the step embeds it once, not once per token."""
+        return self.time_embed(timestep_features(t.reshape(-1), self.FREQ_DIM))
+
+    def denoise(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The prediction at x [n, D] given c = time(t) + cond_proj(cond) ([n, width] or [1, width] + ...).
+        A sampler projects each token's condition once, not at every diffusion step."""
         h = self.input_proj(x)
         for block in self.blocks:
             h = block(h, c)

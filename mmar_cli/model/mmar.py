@@ -226,7 +226,11 @@ class MMAR(nn.Module):
         tokens = batch["image_tokens"].to(self.image_embed.mask_embed.dtype)
         B = ids.shape[0]
         masked = self.random_mask(batch["gen_rows"])
-        h = self.hidden_states(ids, valid, tokens, masked)
+        seen = tokens
+        if self.cfg.get("known_noise"):  # the known tokens of generation rows, as imperfect as drawn ones
+            noisy = ~masked & batch["gen_rows"][:, None]
+            seen = tokens + self.cfg.known_noise * torch.randn_like(tokens) * noisy[..., None]
+        h = self.hidden_states(ids, valid, seen, masked)
 
         # diffusion loss on masked tokens of generation rows
         rows = torch.arange(B, device=ids.device)[:, None].expand_as(masked)[masked]
@@ -276,7 +280,9 @@ class MMAR(nn.Module):
         The prompt runs once and its keys/values are cached; each of the gen.iterations steps (at most
         one per image token: more would have nothing to draw) re-runs
         BOI + image with the known tokens filled in and the rest masked, and draws the next tokens (in a
-        random order per row) with the diffusion head.
+        random order per row) with the diffusion head. Only the positions drawn in a step are read out:
+        the last block runs its queries and MLP on them alone, and each one's condition is projected
+        once for all the diffusion steps.
         """
         lay = self.layout
         B, N, D, dev = prefix_ids.shape[0], lay.num_image_tokens, self.cfg.token_dim, prefix_ids.device
@@ -311,21 +317,21 @@ class MMAR(nn.Module):
         n_known = 0
         iterations = min(gen.iterations, N)
         for step in range(iterations):
-            image = self.image_embed(tokens, ~known).to(boi.dtype)
-            x = torch.cat((boi, image.repeat(R // B, 1, 1)), dim=1)
-            h = self.backbone(x, positions[P:], mask[:, :, P:], cache, update_cache=False)
-            z = self.vis_proj(h[:, 1:])  # [R, N, C]: the condition of every image position
-
             n_next = cosine_known(step, iterations, N)
             idx = orders[:, n_known:n_next]  # [B, m]: this step's new positions
-            cond = z.gather(1, idx.repeat(R // B, 1)[..., None].expand(-1, -1, z.shape[-1]))
+            image = self.image_embed(tokens, ~known).to(boi.dtype)
+            x = torch.cat((boi, image.repeat(R // B, 1, 1)), dim=1)
+            # the hidden states of the positions drawn now, [R, m, width] (BOI is position 0)
+            h = self.backbone(x, positions[P:], mask[:, :, P:], cache, update_cache=False,
+                              keep=1 + idx.repeat(R // B, 1))
+            cond = self.head.cond_proj(self.vis_proj(h).reshape(-1, self.head.cond_proj.in_features))
             scale = 1.0 + (gen.cfg - 1.0) * ((step + 1) / iterations if gen.cfg_schedule == "linear" else 1.0)
 
             def denoise(x_t, t):
                 m = x_t.shape[1]
                 x_in = x_t.repeat(R // B, 1, 1).reshape(-1, D)
-                t_in = torch.full((x_in.shape[0],), t, device=dev)
-                pred = self.head(x_in, t_in, cond.reshape(-1, cond.shape[-1])).float().view(R, m, D)
+                c = self.head.time(torch.tensor(t, device=dev)) + cond
+                pred = self.head.denoise(x_in, c).float().view(R, m, D)
                 return cfg_combine(pred[:B], pred[B:], scale) if guided else pred
 
             values = self.diffusion.sample(denoise, noise(idx.shape[1]), gen.diffusion_steps, gen.sampler,
