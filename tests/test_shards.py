@@ -110,3 +110,37 @@ def test_load_tokenizers_rebuilds_both(tmp_path):
     text, image = shards.load_tokenizers(tmp_path)
     assert text.kind == "byte" and text.vocab_size == 264
     assert image.spec() == PatchTokenizer(32, 8).spec()
+
+
+def _npy_bytes(array, version=None) -> bytes:
+    f = io.BytesIO()
+    if version is None:
+        np.save(f, array)
+    else:
+        np.lib.format.write_array(f, array, version=version)
+    return f.getvalue()
+
+
+@pytest.mark.parametrize("array, version", [
+    (np.arange(48, dtype=np.float16).reshape(16, 3), None),
+    (np.arange(24, dtype=np.float32).reshape(2, 3, 4), None),
+    (np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)), None),
+    (np.arange(6, dtype=">f4").reshape(2, 3), (2, 0)),
+    (np.float32(7.5), None),
+])
+def test_load_npy_reads_what_np_load_reads_and_parses_each_header_once(array, version):
+    data = _npy_bytes(array, version)
+    for _ in range(2):  # the second read takes the cached header
+        got = shards.load_npy(data)
+        ref = np.load(io.BytesIO(data))
+        assert got.dtype == ref.dtype and got.shape == ref.shape and np.array_equal(got, ref)
+        assert got.flags.writeable
+    other = shards.load_npy(_npy_bytes(np.asarray(array) + 1, version))  # same header, other values
+    assert np.array_equal(other, np.asarray(array) + 1)
+
+
+def test_load_npy_refuses_what_np_load_refuses():
+    with pytest.raises(ValueError):
+        shards.load_npy(b"not an npy file at all")
+    with pytest.raises(ValueError, match="allow_pickle"):
+        shards.load_npy(_npy_bytes(np.array([{"a": 1}], dtype=object)))
