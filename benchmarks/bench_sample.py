@@ -49,6 +49,16 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def fastest(fn, min_seconds: float = 0.0):
+    """(fn's output, the fastest of as many runs as fill `min_seconds` (at least one), runs), as timeit
+    does: a run of a few seconds moves by a third with the machine's load."""
+    out, seconds = timed(fn)
+    times = [seconds]
+    while sum(times) < min_seconds:
+        times.append(timed(fn)[1])
+    return out, min(times), len(times)
+
+
 # --------------------------------------------------------------------------------------------------
 # Prompts and accuracy
 # --------------------------------------------------------------------------------------------------
@@ -65,17 +75,11 @@ def checker_accuracy(images: np.ndarray, prompts: List[str]) -> float:
 
 def images_per_second(inf: InferenceModel, prompts: List[str], gen, batch_size: int,
                       min_seconds: float = 0.0) -> dict:
-    """Images/s of the fastest of as many runs as fill `min_seconds` (at least one), as timeit does: a
-    run of a few seconds moves by a third with the machine's load. Every run draws the same images."""
-    def run():
-        return inf.text_to_image(prompts, gen, seed=0, batch_size=batch_size)
-
-    images, seconds = timed(run)
-    times = [seconds]
-    while sum(times) < min_seconds:
-        times.append(timed(run)[1])
-    return {"settings": describe(gen, inf.layout.num_image_tokens), "images_s": len(prompts) / min(times),
-            "seconds": min(times), "runs": len(times), "accuracy": checker_accuracy(images, prompts)}
+    """Images/s of the fastest of as many runs as fill `min_seconds` (every run draws the same images)."""
+    images, seconds, runs = fastest(lambda: inf.text_to_image(prompts, gen, seed=0, batch_size=batch_size),
+                                    min_seconds)
+    return {"settings": describe(gen, inf.layout.num_image_tokens), "images_s": len(prompts) / seconds,
+            "seconds": seconds, "runs": runs, "accuracy": checker_accuracy(images, prompts)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,27 +108,29 @@ class RecomputePrefix(nn.Module):
                           torch.cat((prompt_rows, mask), dim=2), keep=None if keep is None else P + keep)
 
 
-def prompt_cache_speedup(inf: InferenceModel, prompts: List[str], gen) -> dict:
-    """generate_images() with the prompt's keys/values cached vs the prompt re-run every iteration."""
+def prompt_cache_speedup(inf: InferenceModel, prompts: List[str], gen, min_seconds: float = 0.0) -> dict:
+    """generate_images() with the prompt's keys/values cached vs the prompt re-run every iteration (each
+    timed as the fastest of runs filling `min_seconds`)."""
     model, s = inf.model, inf.text_tok.specials
     prefix = inf.encode(T2I, prompts).to(inf.device)
     def run():
         with inf.autocast(gen):
             return model.generate_images(prefix, None, gen, s.boi, row_generators(0, 0, len(prompts)), pad_id=s.pad)
 
-    cached, with_cache = timed(run)
+    cached, with_cache, _ = fastest(run, min_seconds)
     backbone = model.backbone
     model.backbone = RecomputePrefix(backbone)
     try:
-        recomputed, without_cache = timed(run)
+        recomputed, without_cache, _ = fastest(run, min_seconds)
     finally:
         model.backbone = backbone
     return {"with_s": with_cache, "without_s": without_cache, "speedup": without_cache / with_cache,
             "max_diff": float((cached - recomputed).abs().max())}
 
 
-def batched_cfg_speedup(inf: InferenceModel, prompts: List[str], gen) -> dict:
-    """Guided generation with cond + uncond rows in one batch vs the same rows as two separate batches."""
+def batched_cfg_speedup(inf: InferenceModel, prompts: List[str], gen, min_seconds: float = 0.0) -> dict:
+    """Guided generation with cond + uncond rows in one batch vs the same rows as two separate batches
+    (each timed as the fastest of runs filling `min_seconds`)."""
     model, s = inf.model, inf.text_tok.specials
     prefix = inf.encode(T2I, prompts).to(inf.device)
     uncond = inf.encode(UNCOND, [""]).expand(len(prompts), -1).to(inf.device)
@@ -133,9 +139,9 @@ def batched_cfg_speedup(inf: InferenceModel, prompts: List[str], gen) -> dict:
             return model.generate_images(rows, unconditional, gen, s.boi, row_generators(0, 0, len(prompts)),
                                          pad_id=s.pad)
 
-    _, one_batch = timed(lambda: run(prefix, uncond))
-    _, cond_pass = timed(lambda: run(prefix, None))
-    _, uncond_pass = timed(lambda: run(uncond, None))
+    one_batch = fastest(lambda: run(prefix, uncond), min_seconds)[1]
+    cond_pass = fastest(lambda: run(prefix, None), min_seconds)[1]
+    uncond_pass = fastest(lambda: run(uncond, None), min_seconds)[1]
     return {"one_batch_s": one_batch, "two_passes_s": cond_pass + uncond_pass,
             "speedup": (cond_pass + uncond_pass) / one_batch}
 
