@@ -254,10 +254,12 @@ def report(info: dict, training: dict, scaling: dict, data: List[dict], sampling
 
 def machine_section(info: dict) -> List[str]:
     m, loads = info["machine"], (info["load_start"], info["load_end"])
-    busiest = None if "unknown" in loads else max(float(x.split()[0]) for x in loads)
-    busy = (f"**the machine was loaded** (1-minute load up to {busiest:.1f} on {m['cores']} cores): other "
+    # only the load before the run tells of other processes: the end figure counts this run's own threads
+    before = None if "unknown" in loads[0] else float(loads[0].split()[0])
+    busy = (f"**the machine was loaded** (1-minute load {before:.1f} on {m['cores']} cores before the run): other "
             "processes shared the CPU, so every figure here is lower than on an idle machine"
-            if busiest is not None and busiest > 0.5 * m["cores"] else "the machine was otherwise idle")
+            if before is not None and before > 0.5 * m["cores"] else
+            "the machine was otherwise idle when the run started (the end figure includes this run's own threads)")
     threads = "--threads" if info["threads_set"] else "torch default"
     return ["", "## Machine", "",
             f"- CPU: {m['cpu']}, {m['cores']} cores available; torch {m['torch']}, {m['threads']} thread(s) "
