@@ -214,7 +214,10 @@ class GenerationConfig:
     cfg: float = opt(2.0, "classifier-free guidance scale at the last iteration (1: off)", min=0.0)
     cfg_schedule: str = opt("linear", "how the CFG scale moves over the iterations",
                             choices=["linear", "constant"])
-    temperature: float = opt(0.5, "diffusion sampling temperature (scales the noise of each sampling step)", min=0.0)
+    temperature: float = opt(0.8, "diffusion sampling temperature (scales the noise of each sampling step) at the "
+                                  "first iteration", min=0.0)
+    temperature_end: Optional[float] = opt(0.2, "temperature at the last iteration, reached linearly (None: "
+                                                "`temperature` throughout, as MAR)", min=0.0)
     iterations: int = opt(8, "autoregressive iterations (cosine schedule; at most one per image token)", min=1)
     diffusion_steps: int = opt(10, "diffusion head sampling steps", min=1)
     sampler: str = opt("ddpm", "diffusion sampler", choices=["ddpm", "ddim"])

@@ -187,7 +187,7 @@ def cli(
     num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="images per prompt [num_images]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="rows per forward pass [batch_size]"),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg", help="classifier-free guidance scale (1: off) [gen.cfg]"),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="diffusion temperature [gen.temperature]"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="diffusion temperature at the first iteration (gen.temperature_end: at the last) [gen.temperature]"),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="autoregressive iterations [gen.iterations]"),
     steps: Optional[int] = typer.Option(None, "--steps", help="diffusion sampling steps [gen.diffusion_steps]"),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm or ddim [gen.sampler]"),

@@ -67,8 +67,8 @@ def test_metrics_json_records_how_every_figure_was_computed(setup, tmp_path):
         assert p["settings"]["seed"] == 5 and p["settings"]["weights"] == "ema", name
         assert p["reference"].get("manifest_sha256", manifest_sha) == manifest_sha or name.startswith("tok."), name
     g = result["provenance"]["gen.checker.all"]["settings"]
-    assert (g["cfg"], g["temperature"], g["iterations"], g["diffusion_steps"], g["sampler"]) == \
-        (2.0, 0.5, 2, 2, "ddpm")
+    assert (g["cfg"], g["temperature"], g["temperature_end"], g["iterations"], g["diffusion_steps"], g["sampler"]) == \
+        (2.0, 0.8, 0.2, 2, 2, "ddpm")
     assert "clean-fid" in result["versions"] and "torchmetrics" in result["provenance"]["tok.psnr"]["evaluator"]
     assert "biased" in result["provenance"]["gen.fid_proxy"]["note"]
     report = (out / "report.md").read_text()

@@ -7,7 +7,7 @@ import torch
 
 from mmar_cli.config import GenerationConfig, ModelConfig
 from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, build_batch, encode_prefix
-from mmar_cli.model.mmar import MMAR, cosine_known
+from mmar_cli.model.mmar import MMAR, cosine_known, iteration_temperature
 from mmar_cli.model.presets import resolve
 
 WORDS = "a red green blue circle square at the top left right what colour is".split()
@@ -308,6 +308,24 @@ def test_more_iterations_than_tokens_draws_one_token_per_iteration(model):
     assert torch.equal(many, capped)
     with pytest.raises(ValueError, match="at most one iteration per token"):
         cosine_known(0, n + 1, n)
+
+
+def test_the_temperature_falls_linearly_from_first_to_last_iteration(model, monkeypatch):
+    gen = gen_config(iterations=4, temperature=0.8, temperature_end=0.2)
+    assert [round(iteration_temperature(gen, s, 4), 6) for s in range(4)] == [0.8, 0.6, 0.4, 0.2]
+    assert iteration_temperature(gen_config(temperature=0.7, temperature_end=None), 2, 3) == 0.7
+    assert iteration_temperature(gen, 0, 1) == 0.8  # one iteration: the first temperature
+    seen = []
+    sample = model.diffusion.sample
+    monkeypatch.setattr(model.diffusion, "sample", lambda *a: seen.append(a[4]) or sample(*a))
+    cond, _ = t2i_prompts(model)
+    falling = model.generate_images(cond, None, gen, S.boi, seeded(1, 2), pad_id=S.pad)
+    assert [round(t, 6) for t in seen] == [0.8, 0.6, 0.4, 0.2]
+    flat = model.generate_images(cond, None, gen_config(iterations=4, temperature=0.8, temperature_end=0.8),
+                                 S.boi, seeded(1, 2), pad_id=S.pad)
+    constant = model.generate_images(cond, None, gen_config(iterations=4, temperature=0.8, temperature_end=None),
+                                     S.boi, seeded(1, 2), pad_id=S.pad)
+    assert torch.equal(flat, constant) and not torch.allclose(falling, constant)
 
 
 def test_cfg_one_is_exactly_the_conditional_path(model):

@@ -135,6 +135,16 @@ def cosine_known(step: int, iterations: int, n: int) -> int:
     return min(max(target, before + 1), n - (iterations - step - 1))
 
 
+def iteration_temperature(gen, step: int, iterations: int) -> float:
+    """The diffusion temperature of iteration `step`: gen.temperature, moving linearly to
+    gen.temperature_end (when set) at the last iteration. Late draws read many known neighbours, and
+    a low temperature keeps them to what those say; early ones need the spread."""
+    end = getattr(gen, "temperature_end", None)
+    if end is None or iterations == 1:
+        return gen.temperature
+    return gen.temperature + (end - gen.temperature) * step / (iterations - 1)
+
+
 def _sample_text(logits: torch.Tensor, gen, gens: list) -> torch.Tensor:
     """Next token per row from logits [B, V]: greedy at text_temperature 0, else top-k / top-p sampling."""
     if gen.text_temperature == 0:
@@ -335,7 +345,7 @@ class MMAR(nn.Module):
                 return cfg_combine(pred[:B], pred[B:], scale) if guided else pred
 
             values = self.diffusion.sample(denoise, noise(idx.shape[1]), gen.diffusion_steps, gen.sampler,
-                                           gen.temperature, self.cfg.get("token_bound"))
+                                           iteration_temperature(gen, step, iterations), self.cfg.get("token_bound"))
             tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, D), values.to(tokens.dtype))
             known = known.scatter(1, idx, True)
             n_known = n_next
