@@ -40,7 +40,7 @@ def describe(gen, tokens: Optional[int] = None) -> str:
     its = f"{gen.iterations} iterations"
     if tokens is not None and gen.iterations > tokens:
         its += f" (run as {tokens}: one per image token)"
-    end = getattr(gen, "temperature_end", None)
+    end = gen.temperature_end
     temperature = f"temperature {gen.temperature:g}" + ("" if end is None else f"→{end:g}")
     return f"{its} × {gen.diffusion_steps} {gen.sampler.upper()} steps, {guidance}, {temperature}, {gen.precision}"
 

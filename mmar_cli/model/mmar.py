@@ -139,10 +139,9 @@ def iteration_temperature(gen, step: int, iterations: int) -> float:
     """The diffusion temperature of iteration `step`: gen.temperature, moving linearly to
     gen.temperature_end (when set) at the last iteration. Late draws read many known neighbours, and
     a low temperature keeps them to what those say; early ones need the spread."""
-    end = getattr(gen, "temperature_end", None)
-    if end is None or iterations == 1:
+    if gen.temperature_end is None or iterations == 1:
         return gen.temperature
-    return gen.temperature + (end - gen.temperature) * step / (iterations - 1)
+    return gen.temperature + (gen.temperature_end - gen.temperature) * step / (iterations - 1)
 
 
 def _sample_text(logits: torch.Tensor, gen, gens: list) -> torch.Tensor:
