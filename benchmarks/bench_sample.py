@@ -42,7 +42,9 @@ def describe(gen, tokens: Optional[int] = None) -> str:
         its += f" (run as {tokens}: one per image token)"
     end = gen.temperature_end
     temperature = f"temperature {gen.temperature:g}" + ("" if end is None else f"→{end:g}")
-    return f"{its} × {gen.diffusion_steps} {gen.sampler.upper()} steps, {guidance}, {temperature}, {gen.precision}"
+    best = f", best of {gen.candidates} by caption likelihood" if gen.candidates > 1 else ""
+    steps = f"{gen.diffusion_steps} {gen.sampler.upper()} steps"
+    return f"{its} × {steps}, {guidance}, {temperature}, {gen.precision}{best}"
 
 
 def timed(fn):

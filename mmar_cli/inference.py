@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, Layout, encode_prefix
+from mmar_cli.data.sequence import CAPTION, IGNORE, QA, T2I, UNCOND, Layout, build_batch, encode_prefix, encode_suffix
 from mmar_cli.errors import UserError
 
 RUNS = Path("runs")
@@ -112,19 +112,61 @@ class InferenceModel:
     @torch.no_grad()
     def text_to_image(self, prompts: Sequence[str], gen, seed: int, batch_size: int,
                       first_row: int = 0) -> np.ndarray:
-        """uint8 [len(prompts), H, W, 3]; row i draws from generator (seed, first_row + i)."""
+        """uint8 [len(prompts), H, W, 3]; row i draws from generator (seed, first_row + i).
+
+        gen.candidates K > 1: row i also draws K - 1 more images, candidate k from generator (seed,
+        first_row + i, k), and keeps the one whose caption the model finds likeliest to be the prompt
+        (`caption_log_likelihood`): the understanding half judges the generating half. Candidate 0 is
+        the image K = 1 gives."""
         s = self.text_tok.specials
         prefix = self.encode(T2I, prompts)
+        if gen.candidates > 1:
+            self._check_captions(prompts)
         uncond = self.encode(UNCOND, [""]) if gen.cfg != 1.0 else None
         images = []
         for start in range(0, len(prompts), batch_size):
             rows = prefix[start:start + batch_size].to(self.device)
             un = None if uncond is None else uncond.expand(len(rows), -1).to(self.device)
-            gens = row_generators(seed, first_row + start, len(rows))
-            with self.autocast(gen):
-                tokens = self.model.generate_images(rows, un, gen, s.boi, gens, pad_id=s.pad)
-            images.append(self.image_tok.decode(tokens.float().cpu()))
+            best = best_score = None
+            for k in range(gen.candidates):
+                gens = row_generators(seed, first_row + start, len(rows), candidate=k)
+                with self.autocast(gen):
+                    tokens = self.model.generate_images(rows, un, gen, s.boi, gens, pad_id=s.pad).float()
+                if gen.candidates == 1:
+                    best = tokens
+                    break
+                score = self.caption_log_likelihood(tokens, prompts[start:start + batch_size])
+                if best is None:
+                    best, best_score = tokens, score
+                else:  # ties keep the earlier candidate
+                    better = score > best_score
+                    best = torch.where(better[:, None, None], tokens, best)
+                    best_score = torch.where(better, score, best_score)
+            images.append(self.image_tok.decode(best.cpu()))
         return np.concatenate(images)
+
+    def _check_captions(self, captions: Sequence[str]) -> None:
+        for text in captions:
+            if encode_suffix(self.text_tok, text, self.layout) is None:
+                n = len(self.text_tok.encode(text)) + 1
+                raise UserError(f"gen.candidates ranks images by how likely the model captions them with the prompt, "
+                                f"but '{text[:60]}' is {n} tokens with EOS and the model's caption holds "
+                                f"{self.layout.suffix_len} (model.max_suffix_len); use gen.candidates=1")
+
+    @torch.no_grad()
+    def caption_log_likelihood(self, image_tokens: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+        """[B] log p(caption + EOS | image) under the model's captioning (task CAPTION, in the frame of
+        training), summed over the caption's tokens, in fp32."""
+        self._check_captions(captions)
+        lay, n = self.layout, len(captions)
+        batch = build_batch(self.text_tok, lay, [CAPTION] * n, [""] * n, list(captions),
+                            torch.as_tensor(image_tokens).float().cpu())
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        h = self.model.hidden_states(batch["text_ids"], batch["valid"], batch["image_tokens"])
+        targets = batch["text_targets"]
+        logp = self.model.backbone.logits(h).float().log_softmax(-1)
+        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        return (picked * (targets != IGNORE)).sum(1)
 
     @torch.no_grad()
     def image_to_text(self, image_tokens: torch.Tensor, questions: Sequence[Optional[str]], gen, seed: int,
@@ -144,9 +186,13 @@ class InferenceModel:
         return texts
 
 
-def row_generators(seed: int, first_row: int, count: int) -> List[torch.Generator]:
-    """CPU generators, one per row, seeded from (seed, row) so rows never share a stream."""
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, row]).generate_state(1)[0]))
+def row_generators(seed: int, first_row: int, count: int, candidate: int = 0) -> List[torch.Generator]:
+    """CPU generators, one per row, seeded from (seed, row) so rows never share a stream; candidate k > 0
+    of a row (gen.candidates) from (seed, row, k)."""
+    def entropy(row):
+        return [seed, row] + ([candidate] if candidate else [])
+
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence(entropy(row)).generate_state(1)[0]))
             for row in range(first_row, first_row + count)]
 
 

@@ -46,7 +46,8 @@ from stages.sample import image_grid, save_png
 
 SCHEMA = EvaluateConfig
 REPORT_ROWS = 16  # samples shown in report.md's tables
-IMAGE_SETTINGS = ("cfg", "cfg_schedule", "temperature", "temperature_end", "iterations", "diffusion_steps", "sampler")
+IMAGE_SETTINGS = ("cfg", "cfg_schedule", "temperature", "temperature_end", "iterations", "diffusion_steps", "sampler",
+                  "candidates")
 TEXT_SETTINGS = ("max_new_tokens", "top_k", "top_p", "text_temperature")
 CHECKER = f"mmar checker (mmar_cli/data/checker.py) of mmar {__version__}"
 

@@ -191,6 +191,8 @@ def cli(
     iterations: Optional[int] = typer.Option(None, "--iterations", help="autoregressive iterations [gen.iterations]"),
     steps: Optional[int] = typer.Option(None, "--steps", help="diffusion sampling steps [gen.diffusion_steps]"),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm or ddim [gen.sampler]"),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="images drawn per image kept: the one the "
+                                             "model captions likeliest with the prompt [gen.candidates]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed [seed]"),
     ema: Optional[bool] = typer.Option(None, "--ema/--raw", help="EMA or raw weights [ema]"),
 ):
@@ -201,7 +203,7 @@ def cli(
     shortcuts = {"prompts_file": prompts_file, "image": image, "ckpt": ckpt, "out": out, "out_shards": out_shards,
                  "num_images": num_images, "batch_size": batch_size, "gen.cfg": cfg_scale,
                  "gen.temperature": temperature, "gen.iterations": iterations, "gen.diffusion_steps": steps,
-                 "gen.sampler": sampler, "seed": seed, "ema": ema}
+                 "gen.sampler": sampler, "gen.candidates": candidates, "seed": seed, "ema": ema}
     cfg = build_config(SCHEMA, config, overrides, **shortcuts)
     if prompt:
         cfg.prompts = list(cfg.prompts) + list(prompt)

@@ -130,16 +130,20 @@ def test_kept_positions_equal_the_full_pass_at_those_positions():
                                atol=1e-5, rtol=1e-5)
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
-    torch.manual_seed(0)
-    grads = []
+@pytest.mark.parametrize("keep", [None, torch.tensor([[1, 4], [0, 2]])])
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients(keep):
+    outs, grads = [], []
     for ckpt in (False, True):
         torch.manual_seed(0)
         bb = Backbone(small_cfg(grad_checkpointing=ckpt)).train()
         x = torch.randn(2, 5, 64)
         mask = build_attention_mask(torch.full((5,), -1), torch.ones(2, 5, dtype=torch.bool))
-        bb.logits(bb(x, torch.arange(5), mask)).square().mean().backward()
+        h = bb(x, torch.arange(5), mask, keep=keep)
+        bb.logits(h).square().mean().backward()
+        outs.append(h.detach())
         grads.append(bb.layers[0].mlp.up_proj.weight.grad.clone())
+    assert outs[0].shape == (2, 5 if keep is None else 2, 64)
+    torch.testing.assert_close(outs[0], outs[1])
     torch.testing.assert_close(grads[0], grads[1])
 
 

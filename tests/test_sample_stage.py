@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from mmar_cli.app import app
 from mmar_cli.config import GenerationConfig
-from mmar_cli.data.sequence import CAPTION, T2I, UNCOND
+from mmar_cli.data.sequence import CAPTION, T2I, UNCOND, build_batch
 from mmar_cli.errors import UserError
-from mmar_cli.inference import load_checkpoint, newest_checkpoint
+from mmar_cli.inference import load_checkpoint, newest_checkpoint, row_generators
 from tiny_checkpoint import make_checkpoint, make_data
 
 PROMPTS = ["a large red circle at the top left", "a small blue cross in the center"]
@@ -85,6 +85,46 @@ def test_cfg_scale_one_is_the_conditional_path(model):
     assert not torch.allclose(strong, plain)
 
 
+def test_candidates_keep_the_image_the_model_captions_likeliest(model):
+    g3 = gen(candidates=3)
+    kept = model.text_to_image(PROMPTS, g3, seed=2, batch_size=2)
+    s, m = model.text_tok.specials, model.model
+    prefix, uncond = model.encode(T2I, PROMPTS), model.encode(UNCOND, [""]).expand(2, -1)
+    tokens, scores = [], []
+    for k in range(3):  # each candidate drawn alone, from its own generators
+        with model.autocast(g3):
+            t = m.generate_images(prefix, uncond, g3, s.boi, row_generators(2, 0, 2, candidate=k), pad_id=s.pad)
+        tokens.append(t.float())
+        scores.append(model.caption_log_likelihood(t.float(), PROMPTS))
+    scores = torch.stack(scores)  # [K, rows]
+    assert (scores < 0).all() and len(set(scores.flatten().tolist())) == 6
+    best = scores.argmax(0)
+    expected = model.image_tok.decode(torch.stack([tokens[int(k)][i] for i, k in enumerate(best)]))
+    assert np.array_equal(kept, expected)
+    # candidate 0 is the image one candidate gives
+    assert np.array_equal(model.image_tok.decode(tokens[0]), model.text_to_image(PROMPTS, gen(), seed=2, batch_size=2))
+
+
+def test_caption_log_likelihood_is_minus_the_training_caption_loss(model):
+    images = torch.randn(2, *model.image_tok.encode(np.zeros((1, 32, 32, 3), np.uint8)).shape[1:])
+    ll = model.caption_log_likelihood(images, PROMPTS)
+    for i, caption in enumerate(PROMPTS):
+        batch = build_batch(model.text_tok, model.layout, [CAPTION], [""], [caption], images[i:i + 1])
+        n = len(model.text_tok.encode(caption)) + 1  # with EOS
+        with torch.no_grad():
+            loss = model.model(batch)["loss_txt"]
+        torch.testing.assert_close(ll[i], -loss * n, atol=1e-4, rtol=1e-4)
+
+
+def test_candidates_refuse_a_prompt_longer_than_a_caption(model):
+    long = PROMPTS[0]
+    while len(model.text_tok.encode(long)) + 1 <= model.layout.suffix_len:
+        long += " left"
+    model._check_captions([PROMPTS[0]])  # fits: no error
+    with pytest.raises(UserError, match=r"caption holds \d+ \(model.max_suffix_len\); use gen.candidates=1"):
+        model._check_captions([long])
+
+
 @pytest.mark.parametrize("text_temperature", [0.0, 1.0])
 def test_kv_cached_and_uncached_decoding_agree(model, text_temperature):
     s = model.text_tok.specials
@@ -122,7 +162,7 @@ def test_help_lists_every_option():
     code, out, _ = mmar("sample", "--help")
     assert code == 0
     for option in ["--prompt", "--prompts-file", "--image", "--ckpt", "--out-shards", "--num-images", "--cfg",
-                   "--temperature", "--iterations", "--steps", "--sampler", "--seed", "--ema", "--raw",
+                   "--temperature", "--iterations", "--steps", "--sampler", "--candidates", "--seed", "--ema", "--raw",
                    "--batch-size", "--config", "center-cropped"]:
         assert option in out, option
 

@@ -170,11 +170,11 @@ class Backbone(nn.Module):
         if cos.dim() == 2:
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
         for i, block in enumerate(self.layers):
+            block_keep = keep if i == len(self.layers) - 1 else None
             if self.grad_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, None, i, True, block_keep, use_reentrant=False)
             else:
-                last = i == len(self.layers) - 1
-                x = block(x, cos, sin, mask, cache, i, update_cache, keep if last else None)
+                x = block(x, cos, sin, mask, cache, i, update_cache, block_keep)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
