@@ -24,6 +24,7 @@ from mmar_cli.inference import InferenceModel, row_generators
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_PRESET = ROOT / "configs" / "sample" / "mar-reference.yaml"
+DEMO_PRESET = ROOT / "configs" / "sample" / "demo.yaml"  # the defaults, best of gen.candidates
 
 
 def generation_config(preset: Optional[Path] = None, **overrides):
@@ -82,7 +83,8 @@ def images_per_second(inf: InferenceModel, prompts: List[str], gen, batch_size: 
     """Images/s of the fastest of as many runs as fill `min_seconds` (every run draws the same images)."""
     images, seconds, runs = fastest(lambda: inf.text_to_image(prompts, gen, seed=0, batch_size=batch_size),
                                     min_seconds)
-    return {"settings": describe(gen, inf.layout.num_image_tokens), "images_s": len(prompts) / seconds,
+    return {"settings": describe(gen, inf.layout.num_image_tokens), "candidates": gen.candidates,
+            "images_s": len(prompts) / seconds,
             "seconds": seconds, "runs": runs, "accuracy": checker_accuracy(images, prompts)}
 
 

@@ -196,6 +196,9 @@ def measure_sampling(ckpt: Path, trained_here: bool, sizes: Sizes) -> dict:
     result["reference"] = bench_sample.images_per_second(inf, prompts, reference, sizes.batch, sizes.min_sampling_s)
     log(f"sampling reference: {result['reference']['images_s']:.3f} images/s, "
         f"{result['reference']['accuracy']:.1f} %")
+    demo = bench_sample.generation_config(bench_sample.DEMO_PRESET)
+    result["demo"] = bench_sample.images_per_second(inf, prompts, demo, sizes.batch, sizes.min_sampling_s)
+    log(f"sampling demo preset: {result['demo']['images_s']:.2f} images/s, {result['demo']['accuracy']:.1f} %")
     few = prompts[:sizes.variant_prompts]
     result["cache"] = bench_sample.prompt_cache_speedup(inf, few, default, sizes.min_variant_s)
     result["cache"]["prompts"] = len(few)
@@ -315,7 +318,7 @@ def data_section(info: dict, data: List[dict]) -> List[str]:
 def sampling_section(s: dict) -> List[str]:
     note = ("a short run trained by this benchmark: **its accuracies are those of an undertrained model**"
             if s["trained_here"] else "the EMA weights")
-    d, ref, c, g, t = s["default"], s["reference"], s["cache"], s["cfg"], s["text"]
+    d, ref, m, c, g, t = s["default"], s["reference"], s["demo"], s["cache"], s["cfg"], s["text"]
     out = ["", "## Sampling", "",
            f"Checkpoint `{s['ckpt']}` ({note}); {s['prompts']} held-out built-in captions as prompts, {s['batch']} "
            "rows per pass, seed 0; accuracy = images the checker reads with every attribute the prompt asks for; "
@@ -325,9 +328,13 @@ def sampling_section(s: dict) -> List[str]:
                  [["default (GenerationConfig)", d["settings"], f"{d['images_s']:.2f}", f"{d['seconds']:.1f}",
                    str(d["runs"]), f"{d['accuracy']:.1f} %"],
                   ["MAR reference (configs/sample/mar-reference.yaml)", ref["settings"], f"{ref['images_s']:.3f}",
-                   f"{ref['seconds']:.1f}", str(ref["runs"]), f"{ref['accuracy']:.1f} %"]])
+                   f"{ref['seconds']:.1f}", str(ref["runs"]), f"{ref['accuracy']:.1f} %"],
+                  ["the demo's (configs/sample/demo.yaml)", m["settings"], f"{m['images_s']:.2f}",
+                   f"{m['seconds']:.1f}", str(m["runs"]), f"{m['accuracy']:.1f} %"]])
     return out + [
         "", f"- default vs reference: **{d['images_s'] / ref['images_s']:.1f}×** the images per second",
+        f"- the demo's settings (each image the best of {m['candidates']} drawn) vs reference: "
+        f"**{m['images_s'] / ref['images_s']:.1f}×** the images per second",
         f"- prompt KV cache ({c['prompts']} prompts, default settings): {c['with_s']:.2f} s with vs "
         f"{c['without_s']:.2f} s re-running the prompt every iteration: **{c['speedup']:.2f}×** (same images: "
         f"max token difference {c['max_diff']:.1e})",

@@ -93,7 +93,8 @@ def test_quick_run_writes_every_section(tmp_path):
     positive += [r["step_s"] for r in res["scaling"]["batch"] + res["scaling"]["frame"]]
     positive += list(res["training"]["peaks"].values())
     s = res["sampling"]
-    positive += [s["default"]["images_s"], s["reference"]["images_s"], s["cache"]["speedup"], s["cfg"]["speedup"],
+    positive += [s["default"]["images_s"], s["reference"]["images_s"], s["demo"]["images_s"], s["cache"]["speedup"],
+                 s["cfg"]["speedup"],
                  s["text"]["cached"]["captions_s"], s["text"]["uncached"]["captions_s"]]
     assert all(math.isfinite(x) and x > 0 for x in positive), positive
     assert {r["preset"] for r in res["training"]["rows"]} == {"tiny", "small"}
@@ -101,6 +102,7 @@ def test_quick_run_writes_every_section(tmp_path):
     assert [r["workers"] for r in res["data"]] == [0, 1] and all(0 <= r["wait_frac"] < 1 for r in res["data"])
     assert s["trained_here"] and "undertrained" in text
     assert 0 <= s["default"]["accuracy"] <= 100 and s["cache"]["max_diff"] < 1e-4 and s["text"]["same"]
+    assert (s["default"]["candidates"], s["demo"]["candidates"]) == (1, 4) and "best of 4" in text
 
 
 def test_a_missing_checkpoint_is_refused_before_anything_is_measured(tmp_path, monkeypatch):
