@@ -32,16 +32,20 @@ PRECISIONS = ("32", "bf16-mixed")
 FLOP_FORMULA = """\
 A multiply-add is 2 FLOPs and backward costs twice the forward: a weight used on n tokens costs 6·n FLOPs.
 
-FLOPs per step = 6·(P_blocks·B·L + P_embed·B·N + P_proj·M + P_head·M·k + W·V·S) + 12·depth·B·L²·W
+FLOPs per step = 6·(Σ_g n_g·(P_blocks·T_g − P_ask·(T_g − Q_g)) + P_embed·B·N + P_proj·M + P_head·M·k + W·V·S)
+                 + 12·W·Σ_g n_g·T_g·((depth − 1)·T_g + Q_g)
 
-  B rows of L frame positions, N of them image tokens; W width, V vocabulary
-  P_blocks  matmul weights of the decoder blocks (q, k, v, o, SwiGLU), run on all B·L frame positions
+  training runs the rows of each task g together (MMAR.read_spans): n_g rows on T_g frame columns, from
+  the first real token of any of them to the last position a loss reads; the last block asks (queries,
+  output projection, SwiGLU) only at those Q_g read positions, its keys and values run on all T_g
+  B rows, N image tokens per row; W width, V vocabulary
+  P_blocks  matmul weights of the decoder blocks (q, k, v, o, SwiGLU); P_ask: the last block's q, o, SwiGLU
   P_embed   matmul weights of the image embedder (linear map + any ViT blocks), on the B·N image tokens
   P_proj    the VisProjector's weights, on the M masked image tokens of generation rows
   P_head    the diffusion head's matmul weights, on M·k noisy tokens (k = diffusion batch_mul)
   W·V·S     the LM head, run only on the S supervised text positions
-  attention QKᵀ and AV over the whole L×L frame in every layer (the explicit mask does not skip work):
-            4·L²·W per row forward, times 3 for training
+  attention QKᵀ and AV over the columns run (the explicit mask does not skip work): 4·T·W per query and
+            row forward, times 3 for training
 """
 
 
@@ -124,18 +128,30 @@ def _matmul_weights(module: nn.Module) -> int:
 
 
 def train_flops(model: MMAR, batch: dict, draws: int = 32) -> float:
-    """FLOPs of one training step on `batch` (FLOP_FORMULA). The masked-token
-    count M is the mean of `draws` masks drawn as the forward pass draws them."""
+    """FLOPs of one training step on `batch` (FLOP_FORMULA), averaged over `draws` masks drawn as the
+    forward pass draws them (the masked count M, and the image columns generation rows read)."""
     cfg, lay = model.cfg, model.layout
-    B, L, N = batch["text_ids"].shape[0], lay.length, lay.num_image_tokens
-    masked = sum(int(model.random_mask(batch["gen_rows"]).sum()) for _ in range(draws)) / draws
-    supervised = int((batch["text_targets"] != IGNORE).sum())
-    weighted_tokens = (_matmul_weights(model.backbone.layers) * B * L
-                       + _matmul_weights(model.image_embed) * B * N
-                       + _matmul_weights(model.vis_proj) * masked
-                       + _matmul_weights(model.head) * masked * cfg.diffusion.batch_mul
-                       + cfg.width * cfg.vocab_size * supervised)
-    return 6 * weighted_tokens + 12 * cfg.depth * B * L * L * cfg.width
+    B, N = batch["text_ids"].shape[0], lay.num_image_tokens
+    last = model.backbone.layers[-1]
+    p_blocks = _matmul_weights(model.backbone.layers)
+    p_ask = _matmul_weights(last.mlp) + last.self_attn.q_proj.weight.numel() + last.self_attn.o_proj.weight.numel()
+    sup = batch["text_targets"] != IGNORE
+    total = 0.0
+    for _ in range(draws):
+        masked = model.random_mask(batch["gen_rows"])
+        read = sup.clone()
+        read[:, lay.image_start:lay.image_end] |= masked
+        M = int(masked.sum())
+        weighted = (_matmul_weights(model.image_embed) * B * N + _matmul_weights(model.vis_proj) * M
+                    + _matmul_weights(model.head) * M * cfg.diffusion.batch_mul
+                    + cfg.width * cfg.vocab_size * int(sup.sum()))
+        attention = 0
+        for rows, cols, lo, hi in model.read_spans(batch["task"], batch["valid"], read):
+            n, T, Q = rows.numel(), hi - lo, cols.numel()
+            weighted += n * (p_blocks * T - p_ask * (T - Q))
+            attention += n * T * ((cfg.depth - 1) * T + Q)
+        total += 6 * weighted + 12 * cfg.width * attention
+    return total / draws
 
 
 def train_speed(cfg, tok, batch_size: int, precision: str, steps: int) -> dict:

@@ -36,11 +36,16 @@ def test_train_flops_follow_the_formula_on_an_understanding_batch():
     batch = build_batch(tok, lay, [CAPTION, CAPTION, CAPTION], ["", "", ""], ["ab", "abcd", ""],
                         torch.zeros(3, 16, 12))
     # no generation rows: nothing masked, the head and projector never run
-    B, L, N, W = 3, lay.length, 16, 32
+    B, N, W = 3, 16, 32
     supervised = 3 + 5 + 1  # each caption's bytes + EOS
     assert int((batch["text_targets"] != IGNORE).sum()) == supervised
-    blocks = 2 * (W * (32 + 2 * 16) + 32 * W + 3 * W * 48)  # q, k, v (1 kv head of 16), o, SwiGLU
-    expected = 6 * (blocks * B * L + 12 * W * B * N + W * tok.vocab_size * supervised) + 12 * 2 * B * L * L * W
+    # one task: the rows run from the prompt "BOS CAP" (the frame's columns 2, 3) to the longest caption's
+    # last target (EOI + 4); the last block asks at the Q = 5 supervised columns only
+    T, Q = lay.eoi + 5 - 2, 5
+    ask = W * 32 + 32 * W + 3 * W * 48  # q, o, SwiGLU
+    blocks = 2 * (ask + W * 2 * 16)  # and k, v (1 kv head of 16)
+    expected = (6 * (B * (blocks * T - ask * (T - Q)) + 12 * W * B * N + W * tok.vocab_size * supervised)
+                + 12 * W * B * T * (T + Q))
     assert bench_train.train_flops(model, batch) == expected
 
 

@@ -222,6 +222,18 @@ class MMAR(nn.Module):
         positions = torch.arange(lay.length, device=text_ids.device)
         return self.backbone(self.embed(text_ids, image_tokens, masked), positions, mask)
 
+    @staticmethod
+    def read_spans(task: torch.Tensor, valid: torch.Tensor, read: torch.Tensor) -> list:
+        """What read_states runs: per task with a read position, (rows, read columns, lo, hi) where
+        [lo, hi) spans the first real token of any of its rows to its last read position."""
+        spans = []
+        for t in task.unique().tolist():
+            rows = (task == t).nonzero().squeeze(1)
+            cols = read[rows].any(0).nonzero().squeeze(1)
+            if cols.numel():
+                spans.append((rows, cols, min(int(valid[rows].any(0).nonzero()[0]), int(cols[0])), int(cols[-1]) + 1))
+        return spans
+
     def read_states(self, text_ids: torch.Tensor, valid: torch.Tensor, image_tokens: torch.Tensor,
                     masked: torch.Tensor, task: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, L, width] at the positions training reads (`read` [B, L] bool), equal to
@@ -230,17 +242,10 @@ class MMAR(nn.Module):
         text -> image row stops at its image, a caption row skips the prompt's padding), and the last
         block asks only at the read positions. Cutting is exact: padding is never a key, and nothing
         attends to a later position except inside the image."""
-        lay = self.layout
         x = self.embed(text_ids, image_tokens, masked)
-        span, positions = lay.image_span(), torch.arange(lay.length, device=x.device)
+        span, positions = self.layout.image_span(), torch.arange(self.layout.length, device=x.device)
         parts = []
-        for t in task.unique().tolist():
-            rows = (task == t).nonzero().squeeze(1)
-            cols = read[rows].any(0).nonzero().squeeze(1)
-            if cols.numel() == 0:
-                continue
-            lo = min(int(valid[rows].any(0).nonzero()[0]), int(cols[0]))
-            hi = int(cols[-1]) + 1
+        for rows, cols, lo, hi in self.read_spans(task, valid, read):
             mask = build_attention_mask(span[lo:hi], valid[rows, lo:hi])
             keep = (cols - lo).expand(rows.numel(), -1)
             parts.append((rows, cols, self.backbone(x[rows, lo:hi], positions[lo:hi], mask, keep=keep)))
