@@ -14,6 +14,7 @@ import webdataset as wds
 from omegaconf import OmegaConf
 
 from mmar_cli.config import TaskMixConfig
+from mmar_cli.data import datamodule
 from mmar_cli.data import shards as shard_io
 from mmar_cli.data.datamodule import TokenBatches, assign_task, batches_before, fits, shards_for
 from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, Layout
@@ -179,3 +180,28 @@ def test_no_usable_sample_is_a_user_error(tmp_path):
     tok = byte_tokenizer()
     with pytest.raises(UserError, match="no usable sample"):
         take(TokenBatches([str(tmp_path / "empty.tar")], tok, LAYOUT, mix(), 4, 0), 1)
+
+
+def test_cached_shards_replay_the_stream_read_from_disk(tmp_path, monkeypatch):
+    d = make_shards(tmp_path / "d", num_shards=2)
+    paths = shard_io.shard_paths(d)
+    Path(paths[0]).write_bytes(Path(paths[0]).read_bytes()[:3000])  # a truncated tar: its error replays too
+    tok, _ = shard_io.load_tokenizers(d)
+    runs, original, read = {}, wds.tariterators.tarfile_samples, {}
+
+    def counting(src, **kw):  # counts the times each shard is read from disk
+        read[src[0]["url"]] = read.get(src[0]["url"], 0) + 1
+        return original(src, **kw)
+
+    monkeypatch.setattr(wds.tariterators, "tarfile_samples", counting)
+    for name, limit in (("cached", datamodule.CACHE_MB), ("streamed", 0)):
+        monkeypatch.setattr(datamodule, "CACHE_MB", limit)
+        read = {}
+        with pytest.warns(UserWarning):
+            s = TokenBatches(paths, tok, LAYOUT, mix(), 4, 0)
+            batches = take(s, 30)  # several epochs of these few samples
+        assert (s._cache is not None) == (limit > 0)
+        runs[name] = ([b["keys"] for b in batches], [int(b["corrupt"]) for b in batches], read)
+    cached, streamed = runs["cached"], runs["streamed"]
+    assert cached[:2] == streamed[:2] and sum(cached[1]) >= 3  # the same batches, the error counted each epoch
+    assert set(cached[2].values()) == {1} and min(streamed[2].values()) >= 3  # each shard read once vs per epoch

@@ -3,7 +3,8 @@
     shard list, shuffled by (seed, epoch)
       -> split by rank, then by data-loader worker (resampled at random when there are fewer shards than
          ranks x workers, so every worker has data)
-      -> samples (corrupt tars and samples are skipped and counted) -> decode
+      -> samples (corrupt tars and samples are skipped and counted) -> decode; shards of a dataset of at
+         most CACHE_MB on disk are read and decoded once per worker and replayed from memory after
       -> a task for each sample (text->image, caption, question->answer, unconditional), drawn from
          TaskMixConfig; samples whose text does not fit the layout are skipped and counted
       -> a shuffle buffer -> batches collated by `sequence.build_batch`
@@ -15,6 +16,7 @@ replays it and drops the batches it already trained on: the data order is exactl
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import warnings
 from typing import Iterator, List, Optional
@@ -29,6 +31,7 @@ from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, Layout, build_batch
 from mmar_cli.errors import UserError
 
 SHUFFLE_BUFFER = 256  # samples; the shard order is shuffled too
+CACHE_MB = 256  # shards of a dataset at most this large on disk are decoded once per worker, then replayed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,6 +102,11 @@ class TokenBatches(IterableDataset):
         if decode is None:
             from mmar_cli.data.shards import decode_sample as decode
         self.decode = decode
+        try:  # parsing tars is most of the loader's time: a small dataset is read from disk only once
+            small = sum(os.path.getsize(p) for p in self.shards) <= CACHE_MB * 2**20
+        except OSError:  # not local files
+            small = False
+        self._cache: Optional[dict] = {} if small else None
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -126,17 +134,11 @@ class TokenBatches(IterableDataset):
         for epoch in itertools.count():
             urls = shards_for(self.shards, self.seed, epoch, self.rank, self.world, worker, num_workers)
             usable = 0
-            for raw in wds.tariterators.tarfile_samples([{"url": u} for u in urls], handler=on_error):
-                try:
-                    sample = self.decode(raw)
-                    tokens = sample["tokens"]
-                    if tokens is None or tokens.ndim != 2 or tokens.shape[0] != self.layout.num_image_tokens:
-                        raise ValueError(f"sample {sample['key']}: image tokens "
-                                         f"{None if tokens is None else tokens.shape}, expected "
-                                         f"{self.layout.num_image_tokens} rows")
-                except Exception as exn:  # a corrupt sample: any decoding error
-                    on_error(exn)
+            for item in self._decoded(urls):
+                if isinstance(item, Exception):  # a corrupt tar or sample
+                    on_error(item)
                     continue
+                sample = dict(item)
                 task, text, answer = assign_task(rng, sample, self.mix)
                 if not fits(self.tok, self.layout, task, text, answer):
                     counts["skipped_long"] += 1
@@ -150,6 +152,38 @@ class TokenBatches(IterableDataset):
             if not usable:
                 raise UserError(f"no usable sample in shards {', '.join(urls)} ({counts['corrupt']} corrupt, "
                                 f"{counts['skipped_long']} too long for the layout)")
+
+    def _decoded(self, urls: List[str]) -> Iterator:
+        """The decoded samples of `urls` in order, and in their place the error of any that could not be
+        read. With the cache on, each shard is read from disk once and replayed from memory after."""
+        for url in urls:
+            items = None if self._cache is None else self._cache.get(url)
+            if items is None:
+                items, errors = [], []
+                for raw in wds.tariterators.tarfile_samples([{"url": url}], handler=lambda e: errors.append(e) or True):
+                    new = errors + [self._decode_checked(raw)]
+                    errors.clear()
+                    items += new
+                    yield from new
+                items += errors
+                yield from errors
+                if self._cache is not None:
+                    self._cache[url] = items
+            else:
+                yield from items
+
+    def _decode_checked(self, raw: dict):
+        """A decoded sample, or the error that makes it unusable."""
+        try:
+            sample = self.decode(raw)
+            tokens = sample["tokens"]
+            if tokens is None or tokens.ndim != 2 or tokens.shape[0] != self.layout.num_image_tokens:
+                raise ValueError(f"sample {sample['key']}: image tokens "
+                                 f"{None if tokens is None else tokens.shape}, expected "
+                                 f"{self.layout.num_image_tokens} rows")
+            return sample
+        except Exception as exn:  # a corrupt sample: any decoding error
+            return exn
 
     def _drain(self, rng: random.Random, buffer: list, keep: int) -> Iterator[list]:
         rng.shuffle(buffer)
