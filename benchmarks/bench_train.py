@@ -32,7 +32,8 @@ PRECISIONS = ("32", "bf16-mixed")
 FLOP_FORMULA = """\
 A multiply-add is 2 FLOPs and backward costs twice the forward: a weight used on n tokens costs 6·n FLOPs.
 
-FLOPs per step = 6·(Σ_g n_g·(P_blocks·T_g − P_ask·(T_g − Q_g)) + P_embed·B·N + P_proj·M + P_head·M·k + W·V·S)
+FLOPs per step = 6·(Σ_g n_g·(P_blocks·T_g − P_ask·(T_g − Q_g)) + P_embed·B·N + P_proj·M + P_head·M·k
+                    + W·V·S)
                  + 12·W·Σ_g n_g·T_g·((depth − 1)·T_g + Q_g)
 
   training runs the rows of each task g together (MMAR.read_spans): n_g rows on T_g frame columns, from
@@ -169,10 +170,12 @@ def train_speed(cfg, tok, batch_size: int, precision: str, steps: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Waiting for data
 # --------------------------------------------------------------------------------------------------
-def data_wait(shard_dir, num_workers: int, batch_size: int, steps: int, preset: str = "tiny",
+def data_wait(shard_dir, num_workers: int, batch_size: int, steps: int, epoch_steps: int, preset: str = "tiny",
               precision: str = "bf16-mixed", model_overrides: Optional[dict] = None) -> dict:
     """Share of a training loop's time spent blocked in next(iterator) of the trainer's own DataLoader
-    (ShardDataModule over real shards). The first batch (worker start, shuffle buffer) is timed apart."""
+    (ShardDataModule over real shards), over all `steps`, and apart over the rest of the first epoch
+    (`epoch_steps` batches: read from disk) and the later ones (replayed from the loader's cache). The first
+    batch (worker start, shuffle buffer) is timed apart."""
     from mmar_cli.data.shards import load_tokenizers, shard_paths
 
     tok, image_tok = load_tokenizers(shard_dir)
@@ -187,14 +190,18 @@ def data_wait(shard_dir, num_workers: int, batch_size: int, steps: int, preset: 
     batches = iter(loader)
     step(next(batches))
     first = time.perf_counter() - start
-    waited = total = 0.0
+    waits, totals = [], []
     for _ in range(steps):
         start = time.perf_counter()
         batch = next(batches)
         got = time.perf_counter()
         step(batch)
-        waited += got - start
-        total += time.perf_counter() - start
+        waits.append(got - start)
+        totals.append(time.perf_counter() - start)
     del batches  # stops the worker
-    return {"workers": num_workers, "wait_frac": waited / total, "wait_ms": 1e3 * waited / steps,
-            "step_s": total / steps, "first_batch_s": first}
+    # the first epoch reads the shards from disk; later ones replay them from the loader's cache
+    epoch = min(max(epoch_steps - 1, 0), steps)
+    return {"workers": num_workers, "wait_frac": sum(waits) / sum(totals), "wait_ms": 1e3 * sum(waits) / steps,
+            "step_s": sum(totals) / steps, "first_batch_s": first, "steps": steps, "epoch_steps": epoch_steps,
+            "wait_frac_first_epoch": sum(waits[:epoch]) / max(sum(totals[:epoch]), 1e-9),
+            "wait_frac_later": sum(waits[epoch:]) / max(sum(totals[epoch:]), 1e-9)}
