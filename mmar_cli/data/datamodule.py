@@ -31,7 +31,9 @@ from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, Layout, build_batch
 from mmar_cli.errors import UserError
 
 SHUFFLE_BUFFER = 256  # samples; the shard order is shuffled too
-CACHE_MB = 256  # shards of a dataset at most this large on disk are decoded once per worker, then replayed
+# shards of a dataset at most this large on disk are decoded once per loader worker, then replayed from
+# memory: each worker (of each rank) ends up holding about the whole dataset, decoded
+CACHE_MB = 256
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,8 +169,8 @@ class TokenBatches(IterableDataset):
                     yield from new
                 items += errors
                 yield from errors
-                if self._cache is not None:
-                    self._cache[url] = items
+                if self._cache is not None:  # errors without their tracebacks, which hold the raw bytes
+                    self._cache[url] = [e.with_traceback(None) if isinstance(e, Exception) else e for e in items]
             else:
                 yield from items
 

@@ -222,16 +222,18 @@ class MMAR(nn.Module):
         positions = torch.arange(lay.length, device=text_ids.device)
         return self.backbone(self.embed(text_ids, image_tokens, masked), positions, mask)
 
-    @staticmethod
-    def read_spans(task: torch.Tensor, valid: torch.Tensor, read: torch.Tensor) -> list:
+    def read_spans(self, task: torch.Tensor, valid: torch.Tensor, read: torch.Tensor) -> list:
         """What read_states runs: per task with a read position, (rows, read columns, lo, hi) where
-        [lo, hi) spans the first real token of any of its rows to its last read position."""
-        spans = []
+        [lo, hi) spans the first real token of any of its rows to its last read position, or to the end of
+        the image when it reads inside it (image tokens see the whole image)."""
+        lay, spans = self.layout, []
         for t in task.unique().tolist():
             rows = (task == t).nonzero().squeeze(1)
             cols = read[rows].any(0).nonzero().squeeze(1)
             if cols.numel():
-                spans.append((rows, cols, min(int(valid[rows].any(0).nonzero()[0]), int(cols[0])), int(cols[-1]) + 1))
+                lo = min(int(valid[rows].any(0).nonzero()[0]), int(cols[0]))
+                hi = int(cols[-1]) + 1
+                spans.append((rows, cols, lo, max(hi, lay.image_end) if hi > lay.image_start else hi))
         return spans
 
     def read_states(self, text_ids: torch.Tensor, valid: torch.Tensor, image_tokens: torch.Tensor,
@@ -241,7 +243,7 @@ class MMAR(nn.Module):
         columns they use, from the first real token of any of them to the last read position (a
         text -> image row stops at its image, a caption row skips the prompt's padding), and the last
         block asks only at the read positions. Cutting is exact: padding is never a key, and nothing
-        attends to a later position except inside the image."""
+        attends to a later position except inside the image, which is kept whole."""
         x = self.embed(text_ids, image_tokens, masked)
         span, positions = self.layout.image_span(), torch.arange(self.layout.length, device=x.device)
         parts = []
