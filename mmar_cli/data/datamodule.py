@@ -159,20 +159,26 @@ class TokenBatches(IterableDataset):
         """The decoded samples of `urls` in order, and in their place the error of any that could not be
         read. With the cache on, each shard is read from disk once and replayed from memory after."""
         for url in urls:
-            items = None if self._cache is None else self._cache.get(url)
-            if items is None:
-                items, errors = [], []
-                for raw in wds.tariterators.tarfile_samples([{"url": url}], handler=lambda e: errors.append(e) or True):
-                    new = errors + [self._decode_checked(raw)]
-                    errors.clear()
-                    items += new
-                    yield from new
-                items += errors
-                yield from errors
-                if self._cache is not None:  # errors without their tracebacks, which hold the raw bytes
-                    self._cache[url] = [e.with_traceback(None) if isinstance(e, Exception) else e for e in items]
+            if self._cache is None:
+                yield from self._read(url)
+            elif url in self._cache:
+                yield from self._cache[url]
             else:
-                yield from items
+                items = []
+                for item in self._read(url):
+                    items.append(item)
+                    yield item
+                # errors are kept without their tracebacks, which hold the raw bytes
+                self._cache[url] = [e.with_traceback(None) if isinstance(e, Exception) else e for e in items]
+
+    def _read(self, url: str) -> Iterator:
+        """One shard from disk: its decoded samples, and the errors of the tar or of a sample in order."""
+        errors: list = []
+        for raw in wds.tariterators.tarfile_samples([{"url": url}], handler=lambda e: errors.append(e) or True):
+            yield from errors
+            errors.clear()
+            yield self._decode_checked(raw)
+        yield from errors
 
     def _decode_checked(self, raw: dict):
         """A decoded sample, or the error that makes it unusable."""
