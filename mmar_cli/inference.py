@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -111,8 +111,9 @@ class InferenceModel:
 
     @torch.no_grad()
     def text_to_image(self, prompts: Sequence[str], gen, seed: int, batch_size: int,
-                      first_row: int = 0) -> np.ndarray:
+                      first_row: int = 0, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
         """uint8 [len(prompts), H, W, 3]; row i draws from generator (seed, first_row + i).
+        `progress(n)` is called after each batch with its number of rows.
 
         gen.candidates K > 1: row i also draws K - 1 more images, candidate k from generator (seed,
         first_row + i, k), and keeps the one whose caption the model finds likeliest to be the prompt
@@ -143,6 +144,8 @@ class InferenceModel:
                     best = torch.where(better[:, None, None], tokens, best)
                     best_score = torch.where(better, score, best_score)
             images.append(self.image_tok.decode(best.cpu()))
+            if progress is not None:
+                progress(len(rows))
         return np.concatenate(images)
 
     def _check_captions(self, captions: Sequence[str]) -> None:
@@ -170,8 +173,10 @@ class InferenceModel:
 
     @torch.no_grad()
     def image_to_text(self, image_tokens: torch.Tensor, questions: Sequence[Optional[str]], gen, seed: int,
-                      batch_size: int, use_cache: bool = True) -> List[str]:
-        """A caption for each image whose question is None, else the answer to its question."""
+                      batch_size: int, use_cache: bool = True,
+                      progress: Optional[Callable[[int], None]] = None) -> List[str]:
+        """A caption for each image whose question is None, else the answer to its question.
+        `progress(n)` is called after each batch with its number of rows."""
         s = self.text_tok.specials
         prefix = torch.stack([encode_prefix(self.text_tok, CAPTION, "", self.layout) if q is None
                               else self.encode(QA, [q], "question")[0] for q in questions])
@@ -183,6 +188,8 @@ class InferenceModel:
             with self.autocast(gen):
                 out = self.model.generate_text(tokens, rows, gen, s.boi, s.eoi, s.eos, use_cache, gens, pad_id=s.pad)
             texts += [self.text_tok.decode(ids).strip() for ids in out]
+            if progress is not None:
+                progress(len(rows))
         return texts
 
 

@@ -32,6 +32,7 @@ from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, comm
                                  single_command_app)
 from mmar_cli.config import SampleConfig, to_container
 from mmar_cli.errors import UserError
+from mmar_cli.progress import progress
 
 SCHEMA = SampleConfig
 SHARD_SIZE = 1000  # samples per output shard
@@ -91,7 +92,8 @@ def text_to_image(cfg, model, prompts: List[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = [p for p in prompts for _ in range(cfg.num_images)]
     start = time.perf_counter()
-    images = model.text_to_image(rows, cfg.gen, cfg.seed, cfg.batch_size)
+    with progress("sample images", len(rows)) as advance:
+        images = model.text_to_image(rows, cfg.gen, cfg.seed, cfg.batch_size, progress=advance)
     seconds = time.perf_counter() - start
     files = []
     for i, image in enumerate(images):
@@ -112,7 +114,8 @@ def image_to_text(cfg, model, questions: List[str]) -> dict:
     asks: List[Optional[str]] = list(questions) or [None]
     tokens = model.image_tok.encode(image[None]).expand(len(asks), -1, -1)
     start = time.perf_counter()
-    texts = model.image_to_text(tokens, asks, cfg.gen, cfg.seed, cfg.batch_size)
+    with progress("sample texts", len(asks)) as advance:
+        texts = model.image_to_text(tokens, asks, cfg.gen, cfg.seed, cfg.batch_size, progress=advance)
     seconds = time.perf_counter() - start
     results = [{"task": "caption" if q is None else "qa", "question": q, "text": t} for q, t in zip(asks, texts)]
     for r in results:
@@ -134,18 +137,19 @@ def write_shards(cfg, model, prompts: List[str]) -> dict:
     settings = {"seed": cfg.seed, "ema": model.source["weights"] == "ema", "checkpoint_sha256": model.source["sha256"],
                 **to_container(cfg.gen)}
     shards, start = [], time.perf_counter()
-    for index, first in enumerate(range(0, len(rows), SHARD_SIZE)):
-        chunk = rows[first:first + SHARD_SIZE]
-        images = model.text_to_image(chunk, cfg.gen, cfg.seed, cfg.batch_size, first_row=first)
-        name = f"samples-{index:06d}.tar"
-        tmp = out / (name + ".tmp")
-        with wds.TarWriter(str(tmp)) as sink:
-            for i, (prompt, image) in enumerate(zip(chunk, images), start=first):
-                p, k = divmod(i, cfg.num_images)
-                sink.write({"__key__": f"{p:06d}-{k:03d}", "png": png_bytes(image), "txt": prompt,
-                            "json": {"prompt": prompt, "prompt_index": p, "image_index": k, "row": i, **settings}})
-        os.replace(tmp, out / name)
-        shards.append({"file": name, "samples": len(chunk)})
+    with progress("sample shards", len(rows)) as advance:
+        for index, first in enumerate(range(0, len(rows), SHARD_SIZE)):
+            chunk = rows[first:first + SHARD_SIZE]
+            images = model.text_to_image(chunk, cfg.gen, cfg.seed, cfg.batch_size, first_row=first, progress=advance)
+            name = f"samples-{index:06d}.tar"
+            tmp = out / (name + ".tmp")
+            with wds.TarWriter(str(tmp)) as sink:
+                for i, (prompt, image) in enumerate(zip(chunk, images), start=first):
+                    p, k = divmod(i, cfg.num_images)
+                    sink.write({"__key__": f"{p:06d}-{k:03d}", "png": png_bytes(image), "txt": prompt,
+                                "json": {"prompt": prompt, "prompt_index": p, "image_index": k, "row": i, **settings}})
+            os.replace(tmp, out / name)
+            shards.append({"file": name, "samples": len(chunk)})
     seconds = time.perf_counter() - start
     result = {**provenance(cfg, model, seconds, len(rows), "images"), "shards": shards}
     (out / "samples.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import typer
 import webdataset as wds
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
@@ -28,6 +27,7 @@ from mmar_cli.data import shards as shard_io
 from mmar_cli.data.datamodule import ShardDataModule, fits
 from mmar_cli.data.sequence import CAPTION, T2I, build_batch, encode_prefix
 from mmar_cli.engine import checkpoint as ckpt
+from mmar_cli.engine.log_lines import LogLines, StepProgressBar
 from mmar_cli.engine.module import MODEL_KEYS, NonFiniteLoss, TrainModule
 from mmar_cli.errors import UserError
 
@@ -153,8 +153,13 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
     data = ShardDataModule(shards, tok, model.layout, cfg, start_batch=start)
+    # a terminal gets the Rich bar; a log file (batch job, pipe) plain lines, as a bar drawn in place shows
+    # nothing there until the end
+    on_terminal = console.is_terminal
+    progress = (StepProgressBar() if on_terminal
+                else LogLines(cfg.trainer.log_every, start, cfg.trainer.max_steps, console.file))
     callbacks = [
-        RichProgressBar(),
+        progress,
         ckpt.CheckpointWriter(out, cfg, config_yaml, cfg.data, command_line()),
         Previews(out, cfg, tok, image_tok, shard_io.shard_paths(val_dir) if val_dir else shards),
     ]
@@ -166,7 +171,7 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
         gradient_clip_val=cfg.optim.grad_clip or None,
         logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")],
         log_every_n_steps=cfg.trainer.log_every,
-        callbacks=callbacks, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=callbacks, enable_progress_bar=on_terminal, enable_checkpointing=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
     )
     try:
