@@ -73,14 +73,28 @@ class TokenizeConfig:
                      "captions, a .jsonl file, or a directory/brace pattern of img2dataset .tar shards")
     format: str = opt("auto", "input format; 'auto' guesses from `input`",
                       choices=["auto", "builtin", "folder", "jsonl", "wds"])
-    out: str = opt("data/shapes", "output directory; the built-in dataset writes one sub-directory per "
-                   "split (train/, val/, test/)")
+    out: str = opt("data/shapes", "output directory; the built-in dataset, or a user input with "
+                   "val_fraction/test_fraction > 0, writes one sub-directory per split (train/, val/, test/)")
     image_size: int = opt(32, "images are resized (center crop + resize) to this side before tokenizing",
                           min=8)
     shard_size: int = opt(1000, "samples per shard", min=1)
     workers: int = opt(1, "tokenizer worker processes", min=1)
     strict: bool = opt(False, "stop at the first bad input instead of skipping and counting it")
     overwrite: bool = opt(False, "replace an existing output directory")
+    val_fraction: float = opt(0.0, "share of a user input's samples put in the validation split "
+                              "(out/val); with val_fraction or test_fraction > 0 the output is out/train, "
+                              "out/val, out/test (a split of fraction 0 is not written). A sample's split "
+                              "follows from its key and split_seed alone. The built-in dataset refuses it "
+                              "(its splits are shapes.num_val / shapes.num_test)")
+    test_fraction: float = opt(0.0, "share of a user input's samples put in the held-out test split "
+                               "(out/test); see val_fraction")
+    split_seed: int = opt(0, "seed of the split assignment: u = first 8 bytes (big-endian) of "
+                          "sha256('{split_seed}:{key}') / 2^64; test if u < test_fraction, val if "
+                          "u < test_fraction + val_fraction, else train")
+    tokenizer_from: Optional[str] = opt(None, "a token shard directory (e.g. data/photos/train) whose "
+                                        "tokenizers are used as they are: nothing is fitted, image_size and "
+                                        "the tokenizer settings come from it, and the manifest carries the "
+                                        "same hashes")
     shapes: ShapesConfig = opt(factory=ShapesConfig, help="the built-in dataset")
     image_tokenizer: ImageTokenizerConfig = opt(factory=ImageTokenizerConfig, help="image tokenizer")
     text_tokenizer: TextTokenizerConfig = opt(factory=TextTokenizerConfig, help="text tokenizer")

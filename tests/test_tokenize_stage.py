@@ -287,10 +287,11 @@ def test_interrupted_run_leaves_no_complete_looking_output(tmp_path, monkeypatch
 def test_help_lists_every_option_and_key():
     result = CliRunner().invoke(app, ["tokenize", "--help"], terminal_width=200)
     assert result.exit_code == 0
-    for option in ("--input", "--out", "--workers", "--strict", "--overwrite", "--config"):
+    for option in ("--input", "--out", "--workers", "--strict", "--overwrite", "--config", "--val-fraction",
+                   "--test-fraction", "--split-seed", "--tokenizer-from"):
         assert option in result.output
     for key in ("image_tokenizer.kind", "image_tokenizer.pca_dim", "text_tokenizer.vocab_size",
-                "shapes.num_train", "shard_size"):
+                "shapes.num_train", "shard_size", "val_fraction", "test_fraction", "split_seed", "tokenizer_from"):
         assert key in result.output
 
 

@@ -6,8 +6,10 @@ open_clip's convention), the tokenizers' files and `manifest.json`. Each sample 
     {key}.tokens.npy   float16 [N, D] continuous image tokens
     {key}.flip.npy     float16 [N, D] tokens of the horizontally flipped image (optional)
     {key}.txt          caption, UTF-8
-    {key}.json         {source, size, question, answer, attributes, ...}
+    {key}.json         {source, size, question, answer, attributes} + the input's own small JSON fields
+                       (e.g. label; ours win on a clash)
 
+`key` is the sample's identity in its input (see mmar_cli/data/sources.py), never a running number.
 A shard is written under `<file>.tmp` and renamed once complete; the manifest is written last (also via a
 temporary name), so an interrupted run never leaves a directory that looks finished.
 """
@@ -20,7 +22,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, Iterator, List, Optional
 
 import numpy as np
 
@@ -102,7 +104,8 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def build_manifest(shards: List[dict], text_tokenizer, image_tokenizer, source: dict,
-                   skipped: List[tuple], flip: bool, command: str) -> dict:
+                   skipped: List[tuple], flip: bool, command: str, extra: Optional[dict] = None) -> dict:
+    """`extra`: more top-level sections (tokenize adds `split` and `tokenizer_settings`)."""
     from mmar_cli import __version__
 
     text_spec, image_spec = text_tokenizer.spec(), image_tokenizer.spec()
@@ -119,6 +122,7 @@ def build_manifest(shards: List[dict], text_tokenizer, image_tokenizer, source: 
         "samples": sum(s["samples"] for s in shards),
         "shards": shards,
         "skipped": {"count": len(skipped), "reasons": {file: reason for file, reason in skipped}},
+        **(extra or {}),
     }
 
 
@@ -160,6 +164,11 @@ def read_manifest(directory: str | Path, verify: bool = False) -> dict:
         if verify and file_sha256(file) != shard["sha256"]:
             raise UserError(f"{file}: sha256 does not match the manifest (the shard changed or is truncated)")
     return manifest
+
+
+def tokenizer_manifest(directory: str | Path) -> dict:
+    """The manifest of a directory read for its tokenizers only (its shards need not be there)."""
+    return _load_manifest(Path(directory))
 
 
 def shard_paths(directory: str | Path) -> List[str]:
@@ -221,6 +230,14 @@ def decode_sample(sample: dict) -> dict:
     return {"key": sample["__key__"], "tokens": _array(_value(sample, "tokens.npy")),
             "flip": _array(_value(sample, "flip.npy")), "caption": caption,
             "question": meta.get("question"), "answer": meta.get("answer"), "meta": meta}
+
+
+def iterate_samples(directory: str | Path) -> Iterator[dict]:
+    """Every sample of a complete shard directory, decoded (`decode_sample`), in the manifest's order."""
+    import webdataset as wds
+
+    for raw in wds.WebDataset(shard_paths(directory), shardshuffle=False, empty_check=False):
+        yield decode_sample(raw)
 
 
 def check_compatible(a: dict, b: dict) -> None:
