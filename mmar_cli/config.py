@@ -278,6 +278,11 @@ class EvaluateConfig:
     fid_weights: Optional[str] = opt(None, "clean-fid Inception weights file; None: clean-fid's own "
                                      "location, else an in-project feature extractor (not comparable)")
     thresholds: Optional[str] = opt(None, "YAML of minimum metrics; any metric below fails the run")
+    label_key: str = opt("label", "field of a sample's JSON that holds its class: samples with one are judged "
+                                  "by a classifier trained on the training split's images")
+    judge_data: Optional[str] = opt(None, "training shards the classifier judge learns from (None: the 'train' "
+                                          "directory beside `data`); it is cached there, keyed by a hash")
+    judge_seed: int = opt(0, "seed of the classifier judge's training")
     gen: GenerationConfig = opt(factory=GenerationConfig, help="generation settings")
 
 

@@ -5,13 +5,19 @@
     mmar evaluate --thresholds configs/eval/thresholds.yaml  # exit 1 if a metric is below its minimum
 
 What is measured, on the first `num_samples` held-out samples:
-  generation     the held-out captions are the prompts; the checker (mmar_cli/data/checker.py) reads shape,
-                 colour, size and position back from each image: accuracy per attribute and all-correct
-                 (gen.checker.*). The same checker on the true images (ref.checker.*) is the ceiling.
-                 FID against the true images: clean-fid's Inception when its weights file is on disk
-                 (gen.fid), else an in-project extractor (gen.fid_proxy, not comparable to published FIDs).
-  understanding  a caption per true image: exact match and per attribute (und.caption.*); the held-out
-                 question -> answer: exact match (und.qa.exact).
+  generation     the held-out captions are the prompts. Judges (mmar_cli/metrics/judges.py) say whether each
+                 image shows what was asked: the analytic checker for the built-in shapes (gen.checker.*:
+                 shape, colour, size, position, all), and for samples with a class label (`label_key`) a
+                 small CNN trained on the training split's real images (gen.classifier.accuracy). Each judge
+                 also scores the true images (ref.*): its ceiling.
+                 FID against the true images at equal N: clean-fid's Inception when its weights file is on
+                 disk (gen.fid), else an in-project extractor (gen.fid_proxy, not comparable to published
+                 FIDs). Diversity in the same feature space: improved precision/recall (gen.precision,
+                 gen.recall) and the spread of generated images within a class (or prompt) relative to the
+                 true ones (gen.spread, 1.0 = as varied as the data).
+  understanding  a caption per true image: exact match, BLEU-4 and ROUGE-L (und.caption.exact/bleu4/rougeL)
+                 and, for built-in captions, per attribute; the held-out question -> answer: exact match
+                 (und.qa.exact).
   tokenizer      PSNR / SSIM of the image tokenizer's reconstruction of freshly rendered held-out images of
                  the built-in dataset (tok.psnr, tok.ssim; exact for 'patch': PSNR inf, SSIM 1).
 The true images are the held-out tokens decoded (exact for the 'patch' tokenizer).
@@ -24,6 +30,7 @@ hash). From Python, `run(cfg)` returns the same dict, so a sweep over e.g. gen.c
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -41,7 +48,8 @@ from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, comm
                                  single_command_app)
 from mmar_cli.config import EvaluateConfig, to_container
 from mmar_cli.errors import UserError
-from mmar_cli.metrics import accuracy, fid, recon
+from mmar_cli.metrics import accuracy, diversity, fid, judges, recon
+from mmar_cli.progress import progress
 from stages.sample import image_grid, save_png
 
 SCHEMA = EvaluateConfig
@@ -49,54 +57,26 @@ REPORT_ROWS = 16  # samples shown in report.md's tables
 IMAGE_SETTINGS = ("cfg", "cfg_schedule", "temperature", "temperature_end", "iterations", "diffusion_steps", "sampler",
                   "candidates")
 TEXT_SETTINGS = ("max_new_tokens", "top_k", "top_p", "text_temperature")
-CHECKER = f"mmar checker (mmar_cli/data/checker.py) of mmar {__version__}"
 
 
 # --------------------------------------------------------------------------------------------------
-# Held-out data
+# Held-out data and the metrics computed on their own (each callable with true images in place of
+# generated ones)
 # --------------------------------------------------------------------------------------------------
 def read_heldout(data: Path, n: int) -> List[dict]:
     """The first `n` samples of a shard directory, in the manifest's order (decode_sample's dicts)."""
-    import webdataset as wds
+    from mmar_cli.data.shards import iterate_samples
 
-    from mmar_cli.data.shards import decode_sample, shard_paths
-
-    samples = []
-    for raw in wds.WebDataset(shard_paths(data), shardshuffle=False, empty_check=False):
-        samples.append(decode_sample(raw))
-        if len(samples) == n:
-            break
+    samples = list(itertools.islice(iterate_samples(data), n))
     if not samples:
         raise UserError(f"data: {data} holds no samples")
     return samples
 
 
-def expected_attributes(sample: dict) -> Optional[List[dict]]:
-    """What a sample's caption asks for, when it is a built-in shapes caption (else None)."""
-    from mmar_cli.data.shapes import parse_caption
-
-    if sample["meta"].get("attributes"):
-        return sample["meta"]["attributes"]
-    try:
-        return parse_caption(sample["caption"] or "")
-    except UserError:
-        return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Metrics (each callable on its own, e.g. with true images in place of generated ones)
-# --------------------------------------------------------------------------------------------------
-def checker_accuracy(images: np.ndarray, expected: List[List[dict]], prefix: str) -> Dict[str, float]:
-    """`{prefix}.shape/colour/size/position/all`: share of images the checker reads as expected."""
-    from mmar_cli.data import checker
-
-    hits = [checker.score(image, exp) for image, exp in zip(images, expected)]
-    return {f"{prefix}.{k}": v for k, v in accuracy.mean_hits(hits).items()}
-
-
 def caption_accuracy(captions: List[str], samples: List[dict]) -> Dict[str, float]:
     metrics = {"und.caption.exact": accuracy.exact_match(captions, [s["caption"] for s in samples])}
-    scored = [(c, expected_attributes(s)) for c, s in zip(captions, samples)]
+    checker = judges.CheckerJudge()
+    scored = [(c, checker.expected(s)) for c, s in zip(captions, samples)]
     scored = [accuracy.caption_hits(c, e) for c, e in scored if e is not None]
     if scored:
         metrics.update({f"und.caption.{k}": v for k, v in accuracy.mean_hits(scored).items()})
@@ -165,7 +145,7 @@ def _cell(text: Optional[str]) -> str:
 def write_report(out: Path, result: dict, rows: dict) -> None:
     """report.md with the metrics table, the generated images under their prompts and the text tables."""
     r = result
-    lines = [f"# mmar evaluation\n",
+    lines = ["# mmar evaluation\n",
              f"- checkpoint: `{r['checkpoint']['path']}` ({r['checkpoint']['weights']} weights, sha256 "
              f"`{r['checkpoint']['sha256'][:16]}`)",
              f"- held-out data: `{r['reference']['data']}` (manifest sha256 `{r['reference']['manifest_sha256'][:16]}`), "
@@ -181,11 +161,11 @@ def write_report(out: Path, result: dict, rows: dict) -> None:
         lines.append(f"\n> {note}")
     if rows.get("generated"):
         lines += ["\n## Text -> image\n", "Top: true images; bottom: generated from their captions.\n",
-                  "![generated grid](generated_grid.png)\n", "| # | prompt | true | generated | checker |",
+                  "![generated grid](generated_grid.png)\n", "| # | prompt | true | generated | judges |",
                   "|---|---|---|---|---|"]
         for i, row in enumerate(rows["generated"]):
             lines.append(f"| {i} | {_cell(row['prompt'])} | <img src=\"images/true-{i:03d}.png\" width=\"64\"> | "
-                         f"<img src=\"images/gen-{i:03d}.png\" width=\"64\"> | {row['verdict']} |")
+                         f"<img src=\"images/gen-{i:03d}.png\" width=\"64\"> | {_cell(row['verdict'])} |")
     if rows.get("captions"):
         lines += ["\n## Image -> text\n", "| # | image | true caption | generated caption |", "|---|---|---|---|"]
         for i, row in enumerate(rows["captions"]):
@@ -201,10 +181,37 @@ def write_report(out: Path, result: dict, rows: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
+def _judges(cfg, samples: List[dict], data: Path, image_tok, notes: List[str]) -> list:
+    """The judges that apply to these held-out samples: the checker where captions are built-in shapes
+    captions, a classifier where samples carry a label (trained on the training split's real images)."""
+    checker = judges.CheckerJudge()
+    found = [checker] if any(checker.expected(s) is not None for s in samples) else []
+    labels = judges.read_labels(samples, cfg.label_key)
+    if any(label is not None for label in labels):
+        train_dir = Path(cfg.judge_data) if cfg.judge_data else data.parent / "train"
+        if not (train_dir / "manifest.json").is_file():
+            raise UserError(f"the held-out samples carry labels ('{cfg.label_key}') but {train_dir} holds no training "
+                            "shards to train a judge on; set judge_data=DIR (the training split's shards)")
+        classifier = judges.classifier_judge(train_dir, image_tok, cfg.label_key, cfg.judge_seed,
+                                             log=lambda m: console.print(m, highlight=False))
+        missing = labels.count(None)
+        unseen = sorted({lab for lab in labels if lab is not None and lab not in classifier.index})
+        if missing:
+            notes.append(f"{missing} held-out samples have no '{cfg.label_key}': not judged by the classifier")
+        if unseen:
+            notes.append(f"{sum(lab in unseen for lab in labels)} held-out samples carry labels never seen in "
+                         f"training (e.g. {unseen[0]!r}): not judged by the classifier")
+        found.append(classifier)
+    elif not found:
+        notes.append(f"no judge for these samples: the captions are not built-in shapes captions and no sample "
+                     f"has a '{cfg.label_key}' (set label_key to the JSON field that holds the class)")
+    return found
+
+
 def run(cfg) -> dict:
     """Evaluate as `cfg` (a validated EvaluateConfig) says; writes and returns metrics.json's content
     (`metrics`: name -> value; `thresholds.failed`: the failures when cfg.thresholds is set)."""
-    from mmar_cli.data.shards import file_sha256, read_manifest
+    from mmar_cli.data.shards import check_compatible, file_sha256, read_manifest
     from mmar_cli.inference import check_data_compatible, load_checkpoint
 
     data, out = Path(cfg.data), Path(cfg.out)
@@ -212,7 +219,12 @@ def run(cfg) -> dict:
     model = load_checkpoint(cfg.ckpt, cfg.ema)
     ckpt = Path(model.source["path"])
     check_data_compatible(model.source["manifest"], data_manifest, ckpt, data)
-    if cfg.fid and cfg.fid_weights is not None:
+    if cfg.judge_data:
+        try:
+            check_compatible(data_manifest, read_manifest(cfg.judge_data))
+        except UserError as e:
+            raise UserError(f"judge_data {cfg.judge_data} vs data {data}: {e}") from None
+    if cfg.fid_weights is not None:
         fid.find_inception(cfg.fid_weights)  # a bad path fails now, not after generating
 
     samples = read_heldout(data, cfg.num_samples)
@@ -250,35 +262,64 @@ def run(cfg) -> dict:
     # text -> image
     start = time.perf_counter()
     prompts = [s["caption"] for s in samples]
-    generated = model.text_to_image(prompts, cfg.gen, cfg.seed, cfg.batch_size)
+    with progress("evaluate: text -> image", n) as advance:
+        generated = model.text_to_image(prompts, cfg.gen, cfg.seed, cfg.batch_size, progress=advance)
     timings["text_to_image_images_per_s"] = n / (time.perf_counter() - start)
-    expected = [expected_attributes(s) for s in samples]
-    judged = [i for i, e in enumerate(expected) if e is not None]
-    verdicts = {}
-    if judged:
-        exp = [expected[i] for i in judged]
-        record(checker_accuracy(generated[judged], exp, "gen.checker"), CHECKER, len(judged), gen_settings)
-        record(checker_accuracy(truth[judged], exp, "ref.checker"), CHECKER, len(judged), None,
-               note="the checker on the true images: the ceiling of gen.checker")
-        from mmar_cli.data import checker
 
-        verdicts = {i: checker.score(generated[i], expected[i]) for i in judged[:REPORT_ROWS]}
-    else:
-        notes.append("the captions are not built-in shapes captions: no checker accuracy")
+    # judges: each scores the generated images and, as its ceiling, the true ones
+    verdicts: Dict[int, List[str]] = {}
+    judge_info = {}
+    for judge in _judges(cfg, samples, data, model.image_tok, notes):
+        expected = [judge.expected(s) for s in samples]
+        judged = [i for i, e in enumerate(expected) if e is not None]
+        if not judged:
+            continue
+        exp = [expected[i] for i in judged]
+        gen_hits, ref_hits = judge.hits(generated[judged], exp), judge.hits(truth[judged], exp)
+        record(_prefixed(f"gen.{judge.name}", accuracy.mean_hits(gen_hits)), judge.evaluator, len(judged),
+               gen_settings)
+        record(_prefixed(f"ref.{judge.name}", accuracy.mean_hits(ref_hits)), judge.evaluator, len(judged), None,
+               note=f"the {judge.name} on the true images: the ceiling of gen.{judge.name}")
+        judge_info[judge.name] = {"evaluator": judge.evaluator, "judged": len(judged), **judge.provenance}
+        for i, hits in zip(judged, gen_hits):
+            if i < REPORT_ROWS:
+                verdicts.setdefault(i, []).append(f"{judge.name}: {_verdict(hits)}")
+
+    # the distribution: FID and, beside accuracy, diversity (precision/recall, within-group spread)
+    extractor = fid.feature_extractor(cfg.fid_weights, model.device)
+    if not extractor.comparable:
+        console.print(f"[yellow]note:[/yellow] {fid.missing_weights_message()}", highlight=False)
+        notes.append(fid.missing_weights_message())
+    feats_gen, feats_true = extractor.extract(generated), extractor.extract(truth)
     if cfg.fid:
-        extractor = fid.feature_extractor(cfg.fid_weights, model.device)
-        if not extractor.comparable:
-            console.print(f"[yellow]note:[/yellow] {fid.missing_weights_message()}", highlight=False)
-            notes.append(fid.missing_weights_message())
-        f = fid.fid(generated, truth, extractor)
+        f = fid.fid_of_features(feats_gen, feats_true, extractor)
         record({f["name"]: f["value"]}, f["evaluator"], n, gen_settings, note=f["note"])
+    groups, grouped_by = _groups(samples, cfg.label_key)
+    space = f"features of {extractor.evaluator}"
+    if n > diversity.K_NEAREST:
+        record(_prefixed("gen", diversity.precision_recall(feats_true, feats_gen)),
+               f"improved precision/recall (Kynkaanniemi et al. 2019), k={diversity.K_NEAREST}, in the {space}",
+               n, gen_settings, note="generated vs the true held-out images, equal N")
+    spread = diversity.group_spread(feats_true, feats_gen, groups, groups)
+    if spread["groups"]:
+        record({"gen.spread": spread["spread"]},
+               f"mean pairwise distance among generated / among true images of one {grouped_by}, averaged over "
+               f"{spread['groups']} {grouped_by}s, in the {space}", n, gen_settings,
+               note="1.0: as varied as the data; near-copies of one image score near 0")
+    else:
+        notes.append(f"no {grouped_by} has two held-out samples: no within-{grouped_by} spread (raise num_samples)")
 
     # image -> text
     start = time.perf_counter()
-    captions = model.image_to_text(tokens, [None] * n, cfg.gen, cfg.seed, cfg.batch_size)
+    with progress("evaluate: image -> text", n) as advance:
+        captions = model.image_to_text(tokens, [None] * n, cfg.gen, cfg.seed, cfg.batch_size, progress=advance)
     timings["captions_per_s"] = n / (time.perf_counter() - start)
+    truths = [s["caption"] for s in samples]
     record(caption_accuracy(captions, samples), f"exact match and shapes.parse_caption, mmar {__version__}", n,
            text_settings)
+    record(_prefixed("und.caption", accuracy.text_similarity(captions, truths)),
+           f"torchmetrics {version('torchmetrics')}: corpus BLEU-4 (bleu_score, n_gram 4) and mean ROUGE-L "
+           f"F-measure (rouge_score), lower case", n, text_settings)
     asked = [i for i, s in enumerate(samples) if s["question"] and s["answer"]]
     answers = []
     if asked:
@@ -297,7 +338,7 @@ def run(cfg) -> dict:
 
     result = {
         "mmar_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command_line(),
-        "checkpoint": ckpt_info, "reference": reference,
+        "checkpoint": ckpt_info, "reference": reference, "judges": judge_info,
         "settings": {"seed": cfg.seed, "ema": cfg.ema, "gen": to_container(cfg.gen)},
         "versions": {"mmar": __version__, "torch": torch.__version__, "torchmetrics": version("torchmetrics"),
                      "clean-fid": version("clean-fid")},
@@ -314,14 +355,27 @@ def run(cfg) -> dict:
         save_png(generated[i], out / "images" / f"gen-{i:03d}.png")
     save_png(image_grid(np.concatenate([truth[:shown], generated[:shown]]), shown), out / "generated_grid.png")
     rows = {
-        "generated": [{"prompt": prompts[i], "verdict": _verdict(verdicts.get(i))} for i in range(shown)],
-        "captions": [{"truth": samples[i]["caption"], "text": captions[i]} for i in range(shown)],
+        "generated": [{"prompt": prompts[i], "verdict": "; ".join(verdicts.get(i, [])) or None}
+                      for i in range(shown)],
+        "captions": [{"truth": truths[i], "text": captions[i]} for i in range(shown)],
         "answers": [{"question": samples[i]["question"], "truth": samples[i]["answer"], "text": a}
                     for i, a in zip(asked[:REPORT_ROWS], answers)],
     }
     (out / "metrics.json").write_text(json.dumps(json_safe(result), indent=2) + "\n", encoding="utf-8")
     write_report(out, result, rows)
     return result
+
+
+def _prefixed(prefix: str, values: Dict[str, float]) -> Dict[str, float]:
+    return {f"{prefix}.{k}": v for k, v in values.items()}
+
+
+def _groups(samples: List[dict], label_key: str) -> tuple[list, str]:
+    """What the within-group spread compares: the class when every sample has one, else the prompt."""
+    labels = judges.read_labels(samples, label_key)
+    if all(label is not None for label in labels):
+        return labels, "class"
+    return [s["caption"] for s in samples], "prompt"
 
 
 def _fits_prompt(model, sample: dict) -> bool:
@@ -336,10 +390,10 @@ def _fits_prompt(model, sample: dict) -> bool:
     return True
 
 
-def _verdict(hits: Optional[dict]) -> str:
-    if hits is None:
-        return "∅"
-    return "all right" if hits["all"] else "wrong: " + ", ".join(k for k, v in hits.items() if k != "all" and not v)
+def _verdict(hits: Dict[str, bool]) -> str:
+    if all(hits.values()):
+        return "right"
+    return "wrong: " + ", ".join(k for k, v in hits.items() if k != "all" and not v)
 
 
 @handle_errors
@@ -359,8 +413,8 @@ def cli(
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed [seed]"),
     ema: Optional[bool] = typer.Option(None, "--ema/--raw", help="EMA or raw weights [ema]"),
 ):
-    """Score a checkpoint on held-out shards: checker accuracy and FID of generated images, caption and
-    answer accuracy, tokenizer PSNR/SSIM. Writes metrics.json, report.md and pictures to --out.
+    """Score a checkpoint on held-out shards: judged accuracy, FID and diversity of generated images, caption
+    and answer accuracy, tokenizer PSNR/SSIM. Writes metrics.json, report.md and pictures to --out.
 
     Options are shortcuts for the config keys in brackets; key=value arguments set any key (listed below).
     """

@@ -36,14 +36,14 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console,
+from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, command_line,
                                  handle_errors, single_command_app)
 from mmar_cli.config import TokenizeConfig
 from mmar_cli.data import shards, sources
 from mmar_cli.errors import UserError
+from mmar_cli.metrics.judges import JUDGE_CACHE
+from mmar_cli.progress import progress
 from mmar_cli.tokenizers.image import IMAGE_TOKENIZER_FILE, build_image_tokenizer, load_image_tokenizer
 from mmar_cli.tokenizers.text import TEXT_TOKENIZER_FILE, build_text_tokenizer
 
@@ -51,7 +51,7 @@ SCHEMA = TokenizeConfig
 FIT_IMAGES = 512  # training images that fit the pca basis / measure the vae scale
 ENCODE_BATCH = 64
 OUR_FILES = ("*.tar", "*.tar.tmp", shards.MANIFEST, shards.SIZES, f"{shards.MANIFEST}.tmp", f"{shards.SIZES}.tmp",
-             TEXT_TOKENIZER_FILE, IMAGE_TOKENIZER_FILE)  # what --overwrite may delete
+             TEXT_TOKENIZER_FILE, IMAGE_TOKENIZER_FILE, JUDGE_CACHE)  # what --overwrite may delete
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,17 +163,15 @@ def _pool_context():
 
 
 def _run_chunks(jobs: List[dict], workers: int, total: int, label: str) -> List[dict]:
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(escape(label), total=total)
+    with progress(label, total) as advance:
         if workers == 1:
-            return [tokenize_chunk(job, progress=lambda n: bar.advance(task, n)) for job in jobs]
+            return [tokenize_chunk(job, progress=advance) for job in jobs]
         threads = max(1, len(os.sched_getaffinity(0)) // workers)
         results = []
         with _pool_context().Pool(workers, _init_worker, (threads,)) as pool:
             for result, job in zip(pool.imap(tokenize_chunk, jobs), jobs):
                 results.append(result)
-                bar.advance(task, len(job["records"]))
+                advance(len(job["records"]))
         return results
 
 

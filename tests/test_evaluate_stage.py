@@ -12,7 +12,7 @@ from mmar_cli.app import app
 from mmar_cli.config import EvaluateConfig, load_config
 from mmar_cli.data.shards import load_tokenizers
 from mmar_cli.errors import UserError
-from mmar_cli.metrics import fid
+from mmar_cli.metrics import accuracy, fid, judges
 from stages import evaluate
 from tiny_checkpoint import make_checkpoint, make_data
 
@@ -36,9 +36,9 @@ def test_true_images_score_full_marks_and_zero_fid(setup):
     samples = evaluate.read_heldout(data / "test", 12)
     _, image_tok = load_tokenizers(data / "test")
     truth = image_tok.decode(torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.float32)))
-    expected = [evaluate.expected_attributes(s) for s in samples]
-    scores = evaluate.checker_accuracy(truth, expected, "gen.checker")
-    assert scores == {f"gen.checker.{k}": 1.0 for k in ["shape", "colour", "size", "position", "all"]}
+    checker = judges.CheckerJudge()
+    scores = accuracy.mean_hits(checker.hits(truth, [checker.expected(s) for s in samples]))
+    assert scores == {k: 1.0 for k in ["shape", "colour", "size", "position", "all"]}
     same = fid.fid(truth, truth, fid.feature_extractor(None, torch.device("cpu")))
     assert same["value"] < 1e-6
     captions = evaluate.caption_accuracy([s["caption"] for s in samples], samples)
@@ -56,8 +56,12 @@ def test_metrics_json_records_how_every_figure_was_computed(setup, tmp_path):
     result = json.loads((out / "metrics.json").read_text())
     expected = {f"{g}.{k}" for g in ("gen.checker", "ref.checker", "und.caption")
                 for k in ("shape", "colour", "size", "position", "all")}
-    expected |= {"gen.fid_proxy", "und.caption.exact", "und.qa.exact", "tok.psnr", "tok.ssim"}
+    expected |= {"gen.fid_proxy", "gen.precision", "gen.recall", "und.caption.exact", "und.caption.bleu4",
+                 "und.caption.rougeL", "und.qa.exact", "tok.psnr", "tok.ssim"}
     assert set(result["metrics"]) == expected
+    assert set(result["judges"]) == {"checker"} and result["judges"]["checker"]["judged"] == 6
+    assert "mmar-random-conv" in result["provenance"]["gen.recall"]["evaluator"]
+    assert any("no prompt has two held-out samples" in note for note in result["notes"])
     assert result["metrics"]["tok.psnr"] == "inf" and result["metrics"]["tok.ssim"] == pytest.approx(1.0)
     assert result["metrics"]["ref.checker.all"] == 1.0
     manifest_sha = result["reference"]["manifest_sha256"]

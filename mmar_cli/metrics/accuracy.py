@@ -35,8 +35,19 @@ def caption_hits(caption: str, expected: Sequence[dict]) -> Dict[str, bool]:
 
 
 def mean_hits(hits: Sequence[Dict[str, bool]]) -> Dict[str, float]:
-    """Share of rows right on each attribute and on `all`."""
-    keys = ATTRIBUTES + ["all"]
+    """Share of rows right on each key of the hit dicts (the checker's attributes and `all`, or a
+    classifier's `accuracy`); NaN for the checker's keys when there are no rows."""
     if not hits:
-        return {k: float("nan") for k in keys}
-    return {k: sum(h[k] for h in hits) / len(hits) for k in keys}
+        return {k: float("nan") for k in ATTRIBUTES + ["all"]}
+    return {k: sum(h[k] for h in hits) / len(hits) for k in hits[0]}
+
+
+def text_similarity(predictions: Sequence[str], truths: Sequence[str]) -> Dict[str, float]:
+    """Corpus BLEU-4 and mean ROUGE-L F-measure (torchmetrics) of generated against true texts, compared
+    in `normalise`d form: what exact match misses on free-form captions (a right word order, a synonym)."""
+    from torchmetrics.functional.text import bleu_score, rouge_score
+
+    preds, refs = [normalise(p) for p in predictions], [normalise(t) for t in truths]
+    bleu = float(bleu_score(preds, [[r] for r in refs], n_gram=4))
+    rouge = float(rouge_score(preds, refs, rouge_keys=("rougeL",))["rougeL_fmeasure"])
+    return {"bleu4": bleu, "rougeL": rouge}

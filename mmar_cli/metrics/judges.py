@@ -1,0 +1,226 @@
+"""Judges: whether a generated image shows what its prompt asked for.
+
+A judge reads images and says, per image, which of the sample's asks it got right. It is validated on the
+true held-out images: its score there (`ref.<judge>.*`) is the ceiling of its score on generated ones
+(`gen.<judge>.*`), so a judge that cannot read the real data says so before it grades a model.
+
+    checker     the built-in shapes: shape, colour, size and position read back analytically
+                (mmar_cli/data/checker.py); asks = the attributes of the caption
+    classifier  labelled data (a class per sample in its JSON, `label` or `label_key`): a small CNN
+                trained on the real training images (the training shards' tokens decoded by the same
+                tokenizer), as in the Classification Accuracy Score literature; asks = the class
+
+Both have one interface: `expected(sample)` (what the sample asks for, None when this judge cannot tell)
+and `hits(images, expected)` (per image, {ask: right}). The classifier is trained once per training set
+and cached beside its shards (`judge-<hash>.safetensors` + `.json`, the hash covering the shards'
+manifest, the label key, the recipe and the seed), so a second evaluation reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmar_cli import __version__
+from mmar_cli.errors import UserError
+
+JUDGE_CACHE = "judge-*"  # the cached judge's files beside the training shards (tokenize --overwrite removes them)
+MIN_PER_CLASS = 5  # fewer training images than this in any class: no judge is trained
+JUDGE_SIZE = 32  # the classifier reads images resized to this side
+# Everything that changes the trained judge is in its cache hash. A fixed number of steps bounds the time
+# (~10 s on 2 CPU cores) whatever the training set's size: 400 x 64 = 6.4 passes over 4000 digits.
+RECIPE = {"version": 1, "size": JUDGE_SIZE, "steps": 400, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
+          "shift": 2}
+
+
+# --------------------------------------------------------------------------------------------------
+# The analytic checker of the built-in shapes
+# --------------------------------------------------------------------------------------------------
+class CheckerJudge:
+    name = "checker"
+
+    def __init__(self):
+        self.evaluator = f"mmar checker (mmar_cli/data/checker.py) of mmar {__version__}"
+        self.provenance = {"kind": "analytic", "reads": "shape, colour, size, position"}
+
+    def expected(self, sample: dict) -> Optional[List[dict]]:
+        """The attributes a built-in shapes caption asks for (None for any other caption)."""
+        from mmar_cli.data.shapes import parse_caption
+
+        if sample["meta"].get("attributes"):
+            return sample["meta"]["attributes"]
+        try:
+            return parse_caption(sample["caption"] or "")
+        except UserError:
+            return None
+
+    def hits(self, images: np.ndarray, expected: Sequence[List[dict]]) -> List[Dict[str, bool]]:
+        from mmar_cli.data import checker
+
+        return [checker.score(image, exp) for image, exp in zip(images, expected)]
+
+
+# --------------------------------------------------------------------------------------------------
+# A classifier trained on the real training images
+# --------------------------------------------------------------------------------------------------
+class SmallCNN(nn.Module):
+    """Two conv blocks and a two-layer head: enough to read digits or coarse classes at 32 px."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(32 * (JUDGE_SIZE // 4) ** 2, 128), nn.ReLU())
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def to_judge_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, S, S] in [-1, 1] at the judge's size."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if x.shape[-1] != JUDGE_SIZE or x.shape[-2] != JUDGE_SIZE:
+        x = F.interpolate(x, size=(JUDGE_SIZE, JUDGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def _shifted(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image moved by up to `shift` pixels each way (edge padding): the judge should not care."""
+    if shift == 0:
+        return x
+    padded = F.pad(x, (shift,) * 4, mode="replicate")
+    dx, dy = torch.randint(0, 2 * shift + 1, (2, len(x)), generator=generator).tolist()
+    size = x.shape[-1]
+    return torch.stack([p[:, b:b + size, a:a + size] for p, a, b in zip(padded, dx, dy)])
+
+
+def train_classifier(images: np.ndarray, targets: np.ndarray, classes: int, seed: int) -> SmallCNN:
+    """AdamW with a one-cycle LR on shifted copies of the images, a fixed number of steps, seeded: the
+    same data and seed give the same judge."""
+    r = RECIPE
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # init and dropout
+        model = SmallCNN(classes)
+    x, y = to_judge_input(images), torch.from_numpy(targets).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"], pct_start=0.15)
+    model.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        order, at = torch.randperm(len(x), generator=generator), 0
+        for _ in range(r["steps"]):
+            if at + r["batch_size"] > len(x):  # a new pass over the data, in a new order
+                order, at = torch.randperm(len(x), generator=generator), 0
+            idx = order[at:at + r["batch_size"]]
+            at += r["batch_size"]
+            loss = F.cross_entropy(model(_shifted(x[idx], r["shift"], generator)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def read_labels(samples: Sequence[dict], label_key: str) -> List[Optional[str]]:
+    """Each sample's class as a string (labels 7 and "7" are one class), None where it has none."""
+    labels = []
+    for s in samples:
+        value = s["meta"].get(label_key)
+        labels.append(None if value is None or isinstance(value, (dict, list)) else str(value))
+    return labels
+
+
+class ClassifierJudge:
+    name = "classifier"
+
+    def __init__(self, model: SmallCNN, classes: List[str], label_key: str, provenance: dict):
+        self.model, self.classes, self.label_key = model, classes, label_key
+        self.index = {c: i for i, c in enumerate(classes)}
+        self.provenance = provenance
+        self.evaluator = (f"mmar small CNN judge (mmar_cli/metrics/judges.py, recipe v{RECIPE['version']}) trained "
+                          f"on {provenance['train_images']} real training images, {len(classes)} classes, "
+                          f"hash {provenance['hash'][:16]}")
+
+    def expected(self, sample: dict) -> Optional[str]:
+        """The sample's class, if it has one the judge was trained on (else None: not judged)."""
+        label = read_labels([sample], self.label_key)[0]
+        return label if label in self.index else None
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray) -> List[str]:
+        out = [self.model(to_judge_input(images[i:i + 256])).argmax(-1) for i in range(0, len(images), 256)]
+        return [self.classes[int(k)] for k in torch.cat(out)] if out else []
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return torch.cat([self.model.features(to_judge_input(images[i:i + 256]))
+                          for i in range(0, len(images), 256)]).double().numpy()
+
+    def hits(self, images: np.ndarray, expected: Sequence[str]) -> List[Dict[str, bool]]:
+        return [{"accuracy": p == e} for p, e in zip(self.predict(images), expected)]
+
+
+def _cache_hash(manifest_sha256: str, label_key: str, seed: int) -> str:
+    spec = {"manifest_sha256": manifest_sha256, "label_key": label_key, "seed": seed, "recipe": RECIPE}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def classifier_judge(train_dir: str | Path, image_tok, label_key: str, seed: int, log=print) -> ClassifierJudge:
+    """The judge of `train_dir`'s classes: loaded from its cache when the hash matches, else trained on the
+    directory's images (its tokens decoded by `image_tok`) and cached there."""
+    from safetensors.torch import load_file, save_file
+
+    from mmar_cli.data.shards import MANIFEST, file_sha256, iterate_samples
+
+    train_dir = Path(train_dir)
+    digest = _cache_hash(file_sha256(train_dir / MANIFEST), label_key, seed)
+    weights, info_path = train_dir / f"judge-{digest[:16]}.safetensors", train_dir / f"judge-{digest[:16]}.json"
+    if weights.is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        model = SmallCNN(len(info["classes"]))
+        model.load_state_dict(load_file(weights))
+        log(f"judge: the classifier cached in {weights} ({len(info['classes'])} classes)")
+        return ClassifierJudge(model.eval(), info["classes"], label_key, info)
+
+    tokens, labels, unlabelled = [], [], 0
+    for s in iterate_samples(train_dir):
+        label = read_labels([s], label_key)[0]
+        if label is None:
+            unlabelled += 1
+            continue
+        tokens.append(s["tokens"])
+        labels.append(label)
+    counts = {c: labels.count(c) for c in sorted(set(labels))}
+    if len(counts) < 2 or min(counts.values()) < MIN_PER_CLASS:
+        shown = ", ".join(f"{c!r}: {n}" for c, n in sorted(counts.items(), key=lambda kv: kv[1])[:5])
+        raise UserError(f"judge: {train_dir} has too few labelled training images to train a classifier judge "
+                        f"(need at least 2 classes with {MIN_PER_CLASS} images each; '{label_key}' counts: "
+                        f"{shown or 'none'}{', ...' if len(counts) > 5 else ''}; {unlabelled} unlabelled)")
+    classes = sorted(counts)
+    index = {c: i for i, c in enumerate(classes)}
+    images = np.concatenate([image_tok.decode(torch.from_numpy(np.stack(tokens[i:i + 256]).astype(np.float32)))
+                             for i in range(0, len(tokens), 256)])
+    log(f"judge: training a classifier on {len(images)} real images of {len(classes)} classes from {train_dir}")
+    model = train_classifier(images, np.array([index[c] for c in labels]), len(classes), seed)
+    info = {"classes": classes, "label_key": label_key, "hash": digest, "seed": seed, "recipe": RECIPE,
+            "train_dir": str(train_dir), "train_images": len(images), "unlabelled": unlabelled,
+            "per_class": counts, "train_accuracy": float(np.mean(
+                np.array(ClassifierJudge(model, classes, label_key, {"hash": digest, "train_images": 0})
+                         .predict(images)) == np.array(labels))),
+            "images": "training tokens decoded by the checkpoint's image tokenizer", "mmar_version": __version__}
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file(model.state_dict(), str(tmp))
+    os.replace(tmp, weights)
+    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")  # written last: the cache is whole
+    return ClassifierJudge(model, classes, label_key, info)
