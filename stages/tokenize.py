@@ -14,6 +14,8 @@ mmar_cli/data/sources.py). With val_fraction / test_fraction > 0 a user input is
 (`sources.assign_split`: sha256 of '{split_seed}:{key}'), so a sample's split never depends on the
 workers, the shard size or the input order; a split of fraction 0 is not written, an empty one is an
 error. The built-in dataset has its own splits (shapes.num_*) and refuses the fractions.
+A user input's samples are written in an order set by a hash of their keys (`sources.order_key`), so
+every shard mixes what the input listed in blocks (e.g. one class after another).
 Then fit the image tokenizer on the first training images (pca basis, vae scale), tokenize fixed chunks
 of `shard_size` records per split, one shard per chunk, in a pool of `workers` processes (so the output
 does not depend on the worker count), train the BPE on the training split's texts, save the tokenizers
@@ -350,6 +352,11 @@ def run(cfg, set_keys=()) -> List[dict]:
         splits = {s: (sources.list_builtin(s, n, cfg.shapes), []) for s, n in sizes.items() if n > 0 or s == "train"}
     else:
         records, skipped = sources.list_records(fmt, cfg.input)
+        # Written in an order set by a hash of the key: inputs sorted by class (a folder per class, a
+        # dataset dumped in label order) would otherwise give shards of one class each, and the training
+        # loader's shuffle buffer, the tokenizer fit and a look at the first held-out samples would see
+        # one class at a time.
+        records.sort(key=lambda r: sources.order_key(r.key, cfg.split_seed))
         if split_by_key:
             _fail_if_strict(skipped, cfg.strict)
             if not records:

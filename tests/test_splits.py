@@ -123,7 +123,9 @@ def test_zero_fractions_write_one_directory_and_a_zero_split_is_not_written(tmp_
     ok("--input", src, "--out", tmp_path / "flat", "image_size=16")
     m = shards.read_manifest(tmp_path / "flat")
     assert m["samples"] == 30 and m["source"]["split"] is None and "split" not in m
-    assert [s["key"] for s in decoded(tmp_path / "flat")][:2] == ["000000000", "000000001"]
+    keys = [s["key"] for s in decoded(tmp_path / "flat")]
+    assert sorted(keys) == [f"{i:09d}" for i in range(30)]
+    assert keys == sorted(keys, key=lambda k: sources.order_key(k, 0)) != sorted(keys)  # shuffled by key hash
 
     ok("--input", src, "--out", tmp_path / "split", "--test-fraction", 0.3, "image_size=16")
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["test", "train"]
@@ -321,3 +323,13 @@ def test_split_output_over_an_unsplit_one_needs_overwrite(tmp_path):
     assert "already holds token shards" in message
     ok("--input", src, "--out", tmp_path / "o", "--test-fraction", 0.4, "image_size=16", "--overwrite")
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["test", "train"]
+
+
+def test_an_input_sorted_by_class_gives_shards_that_mix_the_classes(tmp_path):
+    """A folder per class, or a dataset dumped in label order, must not give one class per shard: the
+    loader's shuffle buffer would then see one class at a time."""
+    samples = sorted(make_samples(100), key=lambda s: s["json"]["label"])  # class0 x 20, then class1 ...
+    src = write_tars(tmp_path / "in", [samples])
+    ok("--input", src, "--out", tmp_path / "out", "image_size=16", "shard_size=20")
+    first_shard = decoded(tmp_path / "out")[:20]
+    assert len({s["meta"]["label"] for s in first_shard}) == 5

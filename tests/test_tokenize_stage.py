@@ -155,10 +155,11 @@ def test_img2dataset_shards_with_bad_samples_skipped_and_counted(tmp_path):
     assert "no image" in reasons[f"{src}/00000.tar:000000002"]
     assert "unreadable image" in reasons[f"{src}/00001.tar:000010000"]
     assert "missing caption" in reasons[f"{src}/00001.tar:000010002"]
-    got = decoded(tmp_path / "out")
-    assert [s["caption"] for s in got] == ["a red wall", "a red square", "caption from json"]
-    assert (got[0]["question"], got[0]["answer"]) == ("what is it?", "a wall")
-    assert got[0]["meta"]["size"] == [48, 64] and got[0]["tokens"].shape == (16, 192)
+    got = {s["caption"]: s for s in decoded(tmp_path / "out")}
+    assert sorted(got) == ["a red square", "a red wall", "caption from json"]
+    wall = got["a red wall"]
+    assert (wall["question"], wall["answer"]) == ("what is it?", "a wall")
+    assert wall["meta"]["size"] == [48, 64] and wall["tokens"].shape == (16, 192)
 
     ok("--input", src, "--out", tmp_path / "dir")  # a directory of tars works the same
     assert shards.read_manifest(tmp_path / "dir")["shards"][0]["sha256"] == m["shards"][0]["sha256"]
@@ -186,11 +187,13 @@ def test_image_folder_with_sidecar_captions(tmp_path):
     assert "unsupported file type '.pdf'" in reasons[str(src / "notes.pdf")]
     assert "unreadable image" in reasons[str(src / "corrupt.png")]
     assert not (tmp_path / "out" / "text_tokenizer.json").exists()
-    got = decoded(tmp_path / "out")
-    assert [s["caption"] for s in got] == ["a wide red thing", "a blue thing"]
-    assert got[1]["answer"] == "blue" and got[1]["meta"]["source"] == str(src / "sub" / "b.jpg")
+    got = {s["caption"]: s for s in decoded(tmp_path / "out")}
+    assert sorted(got) == ["a blue thing", "a wide red thing"]
+    blue = got["a blue thing"]
+    assert blue["answer"] == "blue" and blue["meta"]["source"] == str(src / "sub" / "b.jpg")
     _, image_tok = shards.load_tokenizers(tmp_path / "out")
-    assert (image_tok.decode(got[0]["tokens"][None])[0] == [200, 30, 30]).all()  # center crop of a flat image
+    wide = image_tok.decode(got["a wide red thing"]["tokens"][None])[0]
+    assert (wide == [200, 30, 30]).all()  # center crop of a flat image
 
 
 def test_jsonl_paths_are_relative_to_its_folder(tmp_path):

@@ -85,6 +85,12 @@ def assign_split(key: str, seed: int, val_fraction: float, test_fraction: float)
     return "val" if u < test_fraction + val_fraction else "train"
 
 
+def order_key(key: str, seed: int) -> bytes:
+    """Where a sample goes in tokenize's output order: a hash of its key, so the order is shuffled, the
+    same for any listing order, and independent of the split assignment's hash."""
+    return hashlib.sha256(f"order:{seed}:{key}".encode("utf-8")).digest()
+
+
 def _small_value(v, in_list: bool = False) -> bool:
     if v is None or isinstance(v, (bool, int)):
         return True
