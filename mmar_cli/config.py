@@ -143,6 +143,9 @@ class ModelConfig:
     mask_std: float = opt(0.25, "std of the truncated normal (mean 1) the mask ratio is drawn from", min=0.0)
     known_noise: float = opt(0.0, "std of Gaussian noise added to the known image tokens of generation rows "
                                   "in training (sampling conditions on the model's own draws; 0: off)", min=0.0)
+    caption_noise: float = opt(0.0, "std of Gaussian noise added to the image tokens of image -> text rows in "
+                                    "training: an augmentation against memorising a small real dataset (0: off)",
+                               min=0.0)
     max_prefix_len: int = opt(24, "text tokens before the image (prompt / question), left-padded", min=2)
     max_suffix_len: int = opt(24, "text tokens after the image (caption / answer), right-padded", min=2)
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")

@@ -32,7 +32,7 @@ from mmar_cli.engine.module import MODEL_KEYS, NonFiniteLoss, TrainModule
 from mmar_cli.errors import UserError
 
 # Model keys a finetune may change; every other model key (the architecture) comes from `init`.
-TRAINING_MODEL_KEYS = ("mask_min", "mask_std", "known_noise", "grad_checkpointing")
+TRAINING_MODEL_KEYS = ("mask_min", "mask_std", "known_noise", "caption_noise", "grad_checkpointing")
 PREVIEW_ROWS = 4
 
 # The options both commands take (Typer option markers can be shared between commands).

@@ -47,6 +47,15 @@ def write_labelled_tar(path, n: int, seed: int = 0, label_of=lambda i: i % 4) ->
                         "json": json.dumps(meta)})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def quick_judge():
+    """The corners are learnt in far fewer steps than digits: a quarter of the recipe keeps the tests quick."""
+    steps = judges.RECIPE["steps"]
+    judges.RECIPE["steps"] = 200
+    yield
+    judges.RECIPE["steps"] = steps
+
+
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     """200 labelled images -> data/{train,test} (test ~25 %) -> a random-weight checkpoint."""

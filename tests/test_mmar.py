@@ -167,6 +167,18 @@ def test_known_noise_perturbs_what_generation_rows_see_and_never_understanding_r
         assert torch.equal(a["loss"], b["loss"]) is same, tasks
 
 
+def test_caption_noise_perturbs_what_understanding_rows_see_and_never_generation_rows():
+    noisy = make_model(caption_noise=0.5).train()
+    clean = make_model(caption_noise=1e-12).train()
+    for tasks, same in (((T2I, T2I), True), ((CAPTION, QA), False)):
+        batch = a_batch(clean, tasks)
+        torch.manual_seed(5)
+        a = clean(batch)
+        torch.manual_seed(5)
+        b = noisy(batch)
+        assert torch.equal(a["loss"], b["loss"]) is same, tasks
+
+
 def test_masked_positions_carry_the_mask_embedding_not_their_values(model):
     batch = a_batch(model, (T2I, T2I))
     masked = model.random_mask(batch["gen_rows"])

@@ -11,24 +11,12 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from typer.testing import CliRunner
 
-from mmar_cli.app import app
 from mmar_cli.data import shards, sources
 from mmar_cli.tokenizers.image import PCATokenizer
+from test_tokenize_stage import ok, tokenize
 
 SMALL_IMAGES = ["image_size=16", "image_tokenizer.kind=pca", "image_tokenizer.pca_dim=8"]
-
-
-def tokenize(*args):
-    result = CliRunner().invoke(app, ["tokenize", *map(str, args)])
-    return result, result.output + (result.stderr if result.stderr_bytes is not None else "")
-
-
-def ok(*args):
-    result, output = tokenize(*args)
-    assert result.exit_code == 0, output
-    return output
 
 
 def refused(*args) -> str:

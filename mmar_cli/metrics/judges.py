@@ -36,8 +36,10 @@ JUDGE_CACHE = "judge-*"  # the cached judge's files beside the training shards (
 MIN_PER_CLASS = 5  # fewer training images than this in any class: no judge is trained
 JUDGE_SIZE = 32  # the classifier reads images resized to this side
 # Everything that changes the trained judge is in its cache hash. A fixed number of steps bounds the time
-# (~10 s on 2 CPU cores) whatever the training set's size: 400 x 64 = 6.4 passes over 4000 digits.
-RECIPE = {"version": 1, "size": JUDGE_SIZE, "steps": 400, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
+# (about half a minute on 2 CPU cores) whatever the training set's size: 800 x 64 = 13 passes over 4000
+# digits. On MNIST's 4000 training digits (PCA tokens decoded) 400 steps read 95.9 % of the validation
+# digits right, 800 steps 97.3 %, and with batch norm 97.9 %.
+RECIPE = {"version": 2, "size": JUDGE_SIZE, "steps": 800, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
           "shift": 2}
 
 
@@ -71,19 +73,22 @@ class CheckerJudge:
 # --------------------------------------------------------------------------------------------------
 # A classifier trained on the real training images
 # --------------------------------------------------------------------------------------------------
+def _conv(channels_in: int, channels_out: int) -> list:
+    return [nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False), nn.BatchNorm2d(channels_out), nn.ReLU()]
+
+
 class SmallCNN(nn.Module):
-    """Two conv blocks and a two-layer head: enough to read digits or coarse classes at 32 px."""
+    """Two blocks of two 3x3 convolutions (batch norm, ReLU) and max pooling, then a two-layer head:
+    enough to read digits or coarse classes at 32 px, small enough to train on a CPU in a minute."""
 
     def __init__(self, classes: int):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Dropout(0.3), nn.Linear(32 * (JUDGE_SIZE // 4) ** 2, 128), nn.ReLU())
-        self.head = nn.Linear(128, classes)
+        self.net = nn.Sequential(*_conv(3, 16), *_conv(16, 16), nn.MaxPool2d(2), *_conv(16, 32), *_conv(32, 32),
+                                 nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3),
+                                 nn.Linear(32 * (JUDGE_SIZE // 4) ** 2, 128), nn.ReLU(), nn.Linear(128, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.net(x)
 
 
 def to_judge_input(images: np.ndarray) -> torch.Tensor:
@@ -161,11 +166,6 @@ class ClassifierJudge:
     def predict(self, images: np.ndarray) -> List[str]:
         out = [self.model(to_judge_input(images[i:i + 256])).argmax(-1) for i in range(0, len(images), 256)]
         return [self.classes[int(k)] for k in torch.cat(out)] if out else []
-
-    @torch.no_grad()
-    def features(self, images: np.ndarray) -> np.ndarray:
-        return torch.cat([self.model.features(to_judge_input(images[i:i + 256]))
-                          for i in range(0, len(images), 256)]).double().numpy()
 
     def hits(self, images: np.ndarray, expected: Sequence[str]) -> List[Dict[str, bool]]:
         return [{"accuracy": p == e} for p, e in zip(self.predict(images), expected)]

@@ -270,9 +270,12 @@ class MMAR(nn.Module):
         B = ids.shape[0]
         masked = self.random_mask(batch["gen_rows"])
         seen = tokens
-        if self.cfg.get("known_noise"):  # the known tokens of generation rows, as imperfect as drawn ones
-            noisy = ~masked & batch["gen_rows"][:, None]
-            seen = tokens + self.cfg.known_noise * torch.randn_like(tokens) * noisy[..., None]
+        if self.cfg.known_noise or self.cfg.caption_noise:
+            # the known tokens of generation rows, as imperfect as drawn ones; the image of an image -> text
+            # row jittered so that a small training set is read, not memorised
+            gen_rows = batch["gen_rows"][:, None]
+            std = self.cfg.known_noise * (~masked & gen_rows) + self.cfg.caption_noise * ~gen_rows
+            seen = tokens + torch.randn_like(tokens) * std[..., None].to(tokens.dtype)
         targets = batch["text_targets"]
         sup = targets != IGNORE
         read = sup.clone()  # what the losses read: masked image positions, supervised text positions
