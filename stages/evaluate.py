@@ -181,17 +181,25 @@ def write_report(out: Path, result: dict, rows: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
-def _judges(cfg, samples: List[dict], data: Path, image_tok, notes: List[str]) -> list:
+def _judges(cfg, samples: List[dict], data: Path, data_manifest: dict, image_tok, notes: List[str]) -> list:
     """The judges that apply to these held-out samples: the checker where captions are built-in shapes
-    captions, a classifier where samples carry a label (trained on the training split's real images)."""
+    captions, a classifier where samples carry a label (trained on the training split's real images, which
+    must share the held-out data's tokenizers). Built before anything is generated, so a setting that
+    cannot work fails in seconds."""
+    from mmar_cli.data.shards import check_compatible, read_manifest
+
     checker = judges.CheckerJudge()
     found = [checker] if any(checker.expected(s) is not None for s in samples) else []
-    labels = judges.read_labels(samples, cfg.label_key)
+    labels = [judges.read_label(s, cfg.label_key) for s in samples]
     if any(label is not None for label in labels):
         train_dir = Path(cfg.judge_data) if cfg.judge_data else data.parent / "train"
         if not (train_dir / "manifest.json").is_file():
             raise UserError(f"the held-out samples carry labels ('{cfg.label_key}') but {train_dir} holds no training "
                             "shards to train a judge on; set judge_data=DIR (the training split's shards)")
+        try:
+            check_compatible(data_manifest, read_manifest(train_dir))
+        except UserError as e:
+            raise UserError(f"judge_data {train_dir} vs data {data}: {e}") from None
         classifier = judges.classifier_judge(train_dir, image_tok, cfg.label_key, cfg.judge_seed,
                                              log=lambda m: console.print(m, highlight=False))
         missing = labels.count(None)
@@ -211,7 +219,7 @@ def _judges(cfg, samples: List[dict], data: Path, image_tok, notes: List[str]) -
 def run(cfg) -> dict:
     """Evaluate as `cfg` (a validated EvaluateConfig) says; writes and returns metrics.json's content
     (`metrics`: name -> value; `thresholds.failed`: the failures when cfg.thresholds is set)."""
-    from mmar_cli.data.shards import check_compatible, file_sha256, read_manifest
+    from mmar_cli.data.shards import file_sha256, read_manifest
     from mmar_cli.inference import check_data_compatible, load_checkpoint
 
     data, out = Path(cfg.data), Path(cfg.out)
@@ -219,11 +227,6 @@ def run(cfg) -> dict:
     model = load_checkpoint(cfg.ckpt, cfg.ema)
     ckpt = Path(model.source["path"])
     check_data_compatible(model.source["manifest"], data_manifest, ckpt, data)
-    if cfg.judge_data:
-        try:
-            check_compatible(data_manifest, read_manifest(cfg.judge_data))
-        except UserError as e:
-            raise UserError(f"judge_data {cfg.judge_data} vs data {data}: {e}") from None
     if cfg.fid_weights is not None:
         fid.find_inception(cfg.fid_weights)  # a bad path fails now, not after generating
 
@@ -258,6 +261,7 @@ def run(cfg) -> dict:
                 "settings": {**(settings or {}), "seed": cfg.seed, "weights": ckpt_info["weights"]},
                 "checkpoint_sha256": ckpt_info["sha256"], "note": note}
 
+    judge_list = _judges(cfg, samples, data, data_manifest, model.image_tok, notes)
     timings = {}
     # text -> image
     start = time.perf_counter()
@@ -269,7 +273,7 @@ def run(cfg) -> dict:
     # judges: each scores the generated images and, as its ceiling, the true ones
     verdicts: Dict[int, List[str]] = {}
     judge_info = {}
-    for judge in _judges(cfg, samples, data, model.image_tok, notes):
+    for judge in judge_list:
         expected = [judge.expected(s) for s in samples]
         judged = [i for i, e in enumerate(expected) if e is not None]
         if not judged:
@@ -281,9 +285,9 @@ def run(cfg) -> dict:
         record(_prefixed(f"ref.{judge.name}", accuracy.mean_hits(ref_hits)), judge.evaluator, len(judged), None,
                note=f"the {judge.name} on the true images: the ceiling of gen.{judge.name}")
         judge_info[judge.name] = {"evaluator": judge.evaluator, "judged": len(judged), **judge.provenance}
-        for i, hits in zip(judged, gen_hits):
-            if i < REPORT_ROWS:
-                verdicts.setdefault(i, []).append(f"{judge.name}: {_verdict(hits)}")
+        shown = [i for i in judged if i < REPORT_ROWS]
+        for i, verdict in zip(shown, judge.verdicts(generated[shown], [expected[i] for i in shown])):
+            verdicts.setdefault(i, []).append(f"{judge.name}: {verdict}")
 
     # the distribution: FID and, beside accuracy, diversity (precision/recall, within-group spread)
     extractor = fid.feature_extractor(cfg.fid_weights, model.device)
@@ -291,8 +295,8 @@ def run(cfg) -> dict:
         console.print(f"[yellow]note:[/yellow] {fid.missing_weights_message()}", highlight=False)
         notes.append(fid.missing_weights_message())
     feats_gen, feats_true = extractor.extract(generated), extractor.extract(truth)
-    if cfg.fid:
-        f = fid.fid_of_features(feats_gen, feats_true, extractor)
+    if cfg.fid and n >= 2:
+        f = fid.fid(feats_gen, feats_true, extractor)
         record({f["name"]: f["value"]}, f["evaluator"], n, gen_settings, note=f["note"])
     groups, grouped_by = _groups(samples, cfg.label_key)
     space = f"features of {extractor.evaluator}"
@@ -372,7 +376,7 @@ def _prefixed(prefix: str, values: Dict[str, float]) -> Dict[str, float]:
 
 def _groups(samples: List[dict], label_key: str) -> tuple[list, str]:
     """What the within-group spread compares: the class when every sample has one, else the prompt."""
-    labels = judges.read_labels(samples, label_key)
+    labels = [judges.read_label(s, label_key) for s in samples]
     if all(label is not None for label in labels):
         return labels, "class"
     return [s["caption"] for s in samples], "prompt"
@@ -388,12 +392,6 @@ def _fits_prompt(model, sample: dict) -> bool:
     except UserError:
         return False
     return True
-
-
-def _verdict(hits: Dict[str, bool]) -> str:
-    if all(hits.values()):
-        return "right"
-    return "wrong: " + ", ".join(k for k, v in hits.items() if k != "all" and not v)
 
 
 @handle_errors

@@ -371,6 +371,12 @@ def run(cfg, set_keys=()) -> List[dict]:
             raise _no_usable_samples(cfg.input, split, skipped)
     if None not in splits and out.is_dir():
         _prepare_parent(out, cfg.overwrite)
+        # a split this run does not write must not survive from an earlier one: its samples may now be
+        # in another split (evaluating on training data), and its tokenizer hashes would still match
+        for stale in (out / s for s in SPLITS if s not in splits):
+            if stale.is_dir():
+                _prepare_output(stale, cfg.overwrite)
+                stale.rmdir()
     for directory in dirs.values():
         _prepare_output(directory, cfg.overwrite)
 

@@ -124,6 +124,21 @@ def test_the_judge_reads_true_held_out_images_and_is_cached_by_hash(labelled):
     assert "cached" in said[0] and again.predict(truth) == judge.predict(truth)
     judges.classifier_judge(data / "train", image_tok, "label", seed=1, log=lambda m: None)
     assert len(list(data.joinpath("train").glob("judge-*.safetensors"))) == 2  # another seed, another hash
+    assert not list(data.joinpath("train").glob("*.tmp"))
+    # a damaged cache is trained again (and rewritten), never an error
+    cached[0].with_suffix(".json").write_text('{"classes": [')
+    said.clear()
+    healed = judges.classifier_judge(data / "train", image_tok, "label", seed=0, log=said.append)
+    assert "unreadable" in said[0] and healed.predict(truth) == judge.predict(truth)
+    assert json.loads(cached[0].with_suffix(".json").read_text())["classes"] == ["0", "1", "2", "3"]
+
+
+def test_labels_are_one_class_however_written():
+    labels = [judges.read_label({"meta": m}, "label") for m in
+              ({"label": 7}, {"label": 7.0}, {"label": "7"}, {"label": 2.5}, {"label": ""}, {"label": None},
+               {"label": [1]}, {}, {"digit": 3})]
+    assert labels == ["7", "7", "7", "2.5", None, None, None, None, None]
+    assert judges.read_label({"meta": {"digit": 3}}, "digit") == "3"
 
 
 @pytest.mark.slow

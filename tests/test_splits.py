@@ -321,3 +321,14 @@ def test_an_input_sorted_by_class_gives_shards_that_mix_the_classes(tmp_path):
     ok("--input", src, "--out", tmp_path / "out", "image_size=16", "shard_size=20")
     first_shard = decoded(tmp_path / "out")[:20]
     assert len({s["meta"]["label"] for s in first_shard}) == 5
+
+
+def test_a_split_not_written_again_does_not_survive_overwrite(tmp_path):
+    """Re-splitting with other fractions must not leave the old test/ beside the new train/: its samples
+    may now be training samples, and its tokenizer hashes would still match."""
+    src = write_tars(tmp_path / "in", [make_samples(60)])
+    ok("--input", src, "--out", tmp_path / "out", "--test-fraction", 0.3, "image_size=16")
+    result, output = tokenize("--input", src, "--out", tmp_path / "out", "--val-fraction", 0.3, "image_size=16")
+    assert result.exit_code == 2 and "--overwrite" in output and (tmp_path / "out" / "test").is_dir()
+    ok("--input", src, "--out", tmp_path / "out", "--val-fraction", 0.3, "image_size=16", "--overwrite")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train", "val"]

@@ -8,6 +8,7 @@ not parse counts as wrong on every attribute.
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Sequence
 
 from mmar_cli.data.checker import ATTRIBUTES, match
@@ -48,6 +49,8 @@ def text_similarity(predictions: Sequence[str], truths: Sequence[str]) -> Dict[s
     from torchmetrics.functional.text import bleu_score, rouge_score
 
     preds, refs = [normalise(p) for p in predictions], [normalise(t) for t in truths]
-    bleu = float(bleu_score(preds, [[r] for r in refs], n_gram=4))
-    rouge = float(rouge_score(preds, refs, rouge_keys=("rougeL",))["rougeL_fmeasure"])
+    bleu = float(bleu_score(preds, [[r] for r in refs], n_gram=4))  # no smoothing: 0 if no text has 4 words
+    # ROUGE's own cleaning keeps only [a-z0-9]; word characters of any script are kept here
+    words = lambda text: re.sub(r"[^\w]+", " ", text)  # noqa: E731
+    rouge = float(rouge_score(preds, refs, rouge_keys=("rougeL",), normalizer=words)["rougeL_fmeasure"])
     return {"bleu4": bleu, "rougeL": rouge}

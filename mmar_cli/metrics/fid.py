@@ -104,12 +104,8 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
 
 def fid(generated: np.ndarray, reference: np.ndarray, extractor: FeatureExtractor) -> dict:
-    """FID of uint8 [N, H, W, 3] images against a reference set, with how it was computed."""
-    return fid_of_features(extractor.extract(generated), extractor.extract(reference), extractor)
-
-
-def fid_of_features(generated: np.ndarray, reference: np.ndarray, extractor: FeatureExtractor) -> dict:
-    """`fid` of features already extracted by `extractor` ([N, F] each)."""
+    """FID of generated against reference images, from their features by `extractor.extract` ([N, F]
+    each), with how it was computed."""
     if len(generated) < 2 or len(reference) < 2:
         raise UserError("FID needs at least 2 generated and 2 reference images (raise num_samples)")
     value = frechet_distance(generated, reference)

@@ -10,8 +10,9 @@ true held-out images: its score there (`ref.<judge>.*`) is the ceiling of its sc
                 trained on the real training images (the training shards' tokens decoded by the same
                 tokenizer), as in the Classification Accuracy Score literature; asks = the class
 
-Both have one interface: `expected(sample)` (what the sample asks for, None when this judge cannot tell)
-and `hits(images, expected)` (per image, {ask: right}). The classifier is trained once per training set
+Both have one interface: `expected(sample)` (what the sample asks for, None when this judge cannot tell),
+`hits(images, expected)` (per image, {ask: right}) and `verdicts(images, expected)` (a phrase per image
+for the report). The classifier is trained once per training set
 and cached beside its shards (`judge-<hash>.safetensors` + `.json`, the hash covering the shards'
 manifest, the label key, the recipe and the seed), so a second evaluation reuses it.
 """
@@ -34,6 +35,7 @@ from mmar_cli.errors import UserError
 
 JUDGE_CACHE = "judge-*"  # the cached judge's files beside the training shards (tokenize --overwrite removes them)
 MIN_PER_CLASS = 5  # fewer training images than this in any class: no judge is trained
+MAX_TRAIN_IMAGES = 20000  # the judge sees 800 x 64 draws; more images would only cost memory
 JUDGE_SIZE = 32  # the classifier reads images resized to this side
 # Everything that changes the trained judge is in its cache hash. A fixed number of steps bounds the time
 # (about half a minute on 2 CPU cores) whatever the training set's size: 800 x 64 = 13 passes over 4000
@@ -68,6 +70,11 @@ class CheckerJudge:
         from mmar_cli.data import checker
 
         return [checker.score(image, exp) for image, exp in zip(images, expected)]
+
+    def verdicts(self, images: np.ndarray, expected: Sequence[List[dict]]) -> List[str]:
+        """One phrase per image for the report: right, or which attributes are wrong."""
+        return ["right" if h["all"] else "wrong " + ", ".join(k for k, v in h.items() if k != "all" and not v)
+                for h in self.hits(images, expected)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,15 +116,15 @@ def _shifted(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.T
     return torch.stack([p[:, b:b + size, a:a + size] for p, a, b in zip(padded, dx, dy)])
 
 
-def train_classifier(images: np.ndarray, targets: np.ndarray, classes: int, seed: int) -> SmallCNN:
-    """AdamW with a one-cycle LR on shifted copies of the images, a fixed number of steps, seeded: the
-    same data and seed give the same judge."""
+def train_classifier(inputs: torch.Tensor, targets: np.ndarray, classes: int, seed: int) -> SmallCNN:
+    """AdamW with a one-cycle LR on shifted copies of `inputs` (`to_judge_input`'s), a fixed number of
+    steps, seeded: the same data and seed give the same judge."""
     r = RECIPE
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # init and dropout
         model = SmallCNN(classes)
-    x, y = to_judge_input(images), torch.from_numpy(targets).long()
+    x, y = inputs, torch.from_numpy(targets).long()
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"], pct_start=0.15)
     model.train()
@@ -137,13 +144,15 @@ def train_classifier(images: np.ndarray, targets: np.ndarray, classes: int, seed
     return model.eval()
 
 
-def read_labels(samples: Sequence[dict], label_key: str) -> List[Optional[str]]:
-    """Each sample's class as a string (labels 7 and "7" are one class), None where it has none."""
-    labels = []
-    for s in samples:
-        value = s["meta"].get(label_key)
-        labels.append(None if value is None or isinstance(value, (dict, list)) else str(value))
-    return labels
+def read_label(sample: dict, label_key: str) -> Optional[str]:
+    """A sample's class as a string, None where it has none (no field, null, an empty string, a list or
+    an object). Numbers that are whole are one class however written: 7, 7.0 and "7" are "7"."""
+    value = sample["meta"].get(label_key)
+    if value is None or value == "" or isinstance(value, (dict, list)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
 
 
 class ClassifierJudge:
@@ -159,7 +168,7 @@ class ClassifierJudge:
 
     def expected(self, sample: dict) -> Optional[str]:
         """The sample's class, if it has one the judge was trained on (else None: not judged)."""
-        label = read_labels([sample], self.label_key)[0]
+        label = read_label(sample, self.label_key)
         return label if label in self.index else None
 
     @torch.no_grad()
@@ -170,37 +179,93 @@ class ClassifierJudge:
     def hits(self, images: np.ndarray, expected: Sequence[str]) -> List[Dict[str, bool]]:
         return [{"accuracy": p == e} for p, e in zip(self.predict(images), expected)]
 
+    def verdicts(self, images: np.ndarray, expected: Sequence[str]) -> List[str]:
+        return [f"right ({e})" if p == e else f"read as {p}, asked {e}" for p, e in zip(self.predict(images), expected)]
+
 
 def _cache_hash(manifest_sha256: str, label_key: str, seed: int) -> str:
+    """The training directory's manifest (its shards' checksums and its tokenizers' hashes), the label key,
+    the recipe and the seed: anything else trains another judge."""
     spec = {"manifest_sha256": manifest_sha256, "label_key": label_key, "seed": seed, "recipe": RECIPE}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+def _load_cached(weights: Path, info_path: Path, label_key: str, log) -> Optional[ClassifierJudge]:
+    from safetensors.torch import load_file
+
+    if not (weights.is_file() and info_path.is_file()):
+        return None
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        model = SmallCNN(len(info["classes"]))
+        model.load_state_dict(load_file(weights))
+    except Exception as e:  # a damaged cache costs a retraining, never the evaluation
+        log(f"judge: the cache {weights} is unreadable ({type(e).__name__}: {e}); training the judge again")
+        return None
+    log(f"judge: the classifier cached in {weights} ({len(info['classes'])} classes)")
+    return ClassifierJudge(model.eval(), info["classes"], label_key, info)
+
+
+def _save_cache(model: SmallCNN, info: dict, weights: Path, info_path: Path, log) -> None:
+    """Weights, then the info file, each under a name of this process's and renamed when whole: two
+    evaluations training the same judge at once cannot mix their files, and the info file (read second)
+    is there only when the weights are."""
+    from safetensors.torch import save_file
+
+    tag = f".{os.getpid()}.tmp"
+    tmp_weights, tmp_info = weights.with_name(weights.name + tag), info_path.with_name(info_path.name + tag)
+    try:
+        save_file(model.state_dict(), str(tmp_weights))
+        os.replace(tmp_weights, weights)
+        tmp_info.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp_info, info_path)
+    except OSError as e:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_info.unlink(missing_ok=True)
+        log(f"judge: could not cache the judge in {weights.parent} ({e}); it will be trained again next time")
+
+
+def _training_inputs(train_dir: Path, image_tok, label_key: str) -> tuple[torch.Tensor, List[str], int]:
+    """The judge's inputs (at most MAX_TRAIN_IMAGES labelled images, decoded and shrunk a batch at a time,
+    so a large training split never sits in memory at full size), their labels, and the unlabelled count."""
+    from mmar_cli.data.shards import iterate_samples
+
+    inputs, labels, unlabelled, batch = [], [], 0, []
+
+    def flush():
+        if batch:
+            inputs.append(to_judge_input(image_tok.decode(torch.from_numpy(np.stack(batch).astype(np.float32)))))
+            batch.clear()
+
+    for s in iterate_samples(train_dir):
+        label = read_label(s, label_key)
+        if label is None:
+            unlabelled += 1
+            continue
+        if len(labels) == MAX_TRAIN_IMAGES:
+            continue  # the rest is counted, not used: shards are written in a hash order, so this is a sample
+        labels.append(label)
+        batch.append(s["tokens"])
+        if len(batch) == 256:
+            flush()
+    flush()
+    return (torch.cat(inputs) if inputs else torch.zeros(0)), labels, unlabelled
+
+
 def classifier_judge(train_dir: str | Path, image_tok, label_key: str, seed: int, log=print) -> ClassifierJudge:
     """The judge of `train_dir`'s classes: loaded from its cache when the hash matches, else trained on the
-    directory's images (its tokens decoded by `image_tok`) and cached there."""
-    from safetensors.torch import load_file, save_file
-
-    from mmar_cli.data.shards import MANIFEST, file_sha256, iterate_samples
+    directory's images (its tokens decoded by `image_tok`, which must be the directory's tokenizer) and
+    cached there. Refused when any class has fewer than MIN_PER_CLASS images."""
+    from mmar_cli.data.shards import MANIFEST, file_sha256
 
     train_dir = Path(train_dir)
     digest = _cache_hash(file_sha256(train_dir / MANIFEST), label_key, seed)
     weights, info_path = train_dir / f"judge-{digest[:16]}.safetensors", train_dir / f"judge-{digest[:16]}.json"
-    if weights.is_file() and info_path.is_file():
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-        model = SmallCNN(len(info["classes"]))
-        model.load_state_dict(load_file(weights))
-        log(f"judge: the classifier cached in {weights} ({len(info['classes'])} classes)")
-        return ClassifierJudge(model.eval(), info["classes"], label_key, info)
+    cached = _load_cached(weights, info_path, label_key, log)
+    if cached is not None:
+        return cached
 
-    tokens, labels, unlabelled = [], [], 0
-    for s in iterate_samples(train_dir):
-        label = read_labels([s], label_key)[0]
-        if label is None:
-            unlabelled += 1
-            continue
-        tokens.append(s["tokens"])
-        labels.append(label)
+    inputs, labels, unlabelled = _training_inputs(train_dir, image_tok, label_key)
     counts = {c: labels.count(c) for c in sorted(set(labels))}
     if len(counts) < 2 or min(counts.values()) < MIN_PER_CLASS:
         shown = ", ".join(f"{c!r}: {n}" for c, n in sorted(counts.items(), key=lambda kv: kv[1])[:5])
@@ -208,19 +273,15 @@ def classifier_judge(train_dir: str | Path, image_tok, label_key: str, seed: int
                         f"(need at least 2 classes with {MIN_PER_CLASS} images each; '{label_key}' counts: "
                         f"{shown or 'none'}{', ...' if len(counts) > 5 else ''}; {unlabelled} unlabelled)")
     classes = sorted(counts)
-    index = {c: i for i, c in enumerate(classes)}
-    images = np.concatenate([image_tok.decode(torch.from_numpy(np.stack(tokens[i:i + 256]).astype(np.float32)))
-                             for i in range(0, len(tokens), 256)])
-    log(f"judge: training a classifier on {len(images)} real images of {len(classes)} classes from {train_dir}")
-    model = train_classifier(images, np.array([index[c] for c in labels]), len(classes), seed)
+    targets = np.array([classes.index(c) for c in labels])
+    log(f"judge: training a classifier on {len(labels)} real images of {len(classes)} classes from {train_dir}")
+    model = train_classifier(inputs, targets, len(classes), seed)
+    with torch.no_grad():
+        predicted = torch.cat([model(inputs[i:i + 256]).argmax(-1) for i in range(0, len(inputs), 256)])
+    train_accuracy = float((predicted.numpy() == targets).mean())
     info = {"classes": classes, "label_key": label_key, "hash": digest, "seed": seed, "recipe": RECIPE,
-            "train_dir": str(train_dir), "train_images": len(images), "unlabelled": unlabelled,
-            "per_class": counts, "train_accuracy": float(np.mean(
-                np.array(ClassifierJudge(model, classes, label_key, {"hash": digest, "train_images": 0})
-                         .predict(images)) == np.array(labels))),
+            "train_dir": str(train_dir), "train_images": len(labels), "unlabelled": unlabelled,
+            "per_class": counts, "train_accuracy": train_accuracy,
             "images": "training tokens decoded by the checkpoint's image tokenizer", "mmar_version": __version__}
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(model.state_dict(), str(tmp))
-    os.replace(tmp, weights)
-    info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")  # written last: the cache is whole
+    _save_cache(model, info, weights, info_path, log)
     return ClassifierJudge(model, classes, label_key, info)

@@ -270,7 +270,7 @@ class MMAR(nn.Module):
         B = ids.shape[0]
         masked = self.random_mask(batch["gen_rows"])
         seen = tokens
-        if self.cfg.known_noise or self.cfg.caption_noise:
+        if self.training and (self.cfg.known_noise or self.cfg.caption_noise):
             # the known tokens of generation rows, as imperfect as drawn ones; the image of an image -> text
             # row jittered so that a small training set is read, not memorised
             gen_rows = batch["gen_rows"][:, None]
