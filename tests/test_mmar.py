@@ -167,16 +167,23 @@ def test_known_noise_perturbs_what_generation_rows_see_and_never_understanding_r
         assert torch.equal(a["loss"], b["loss"]) is same, tasks
 
 
-def test_caption_noise_perturbs_what_understanding_rows_see_and_never_generation_rows():
-    noisy = make_model(caption_noise=0.5).train()
-    clean = make_model(caption_noise=1e-12).train()
+@pytest.mark.parametrize("option", ["caption_noise"])
+def test_caption_noise_changes_what_understanding_rows_see_and_never_generation_rows(option):
+    augmented = make_model(**{option: 0.5}).train()
+    plain = make_model(**{option: 1e-12}).train()  # the same weights (seed 0) and random draws
     for tasks, same in (((T2I, T2I), True), ((CAPTION, QA), False)):
-        batch = a_batch(clean, tasks)
+        batch = a_batch(plain, tasks)
         torch.manual_seed(5)
-        a = clean(batch)
+        a = plain(batch)
         torch.manual_seed(5)
-        b = noisy(batch)
+        b = augmented(batch)
         assert torch.equal(a["loss"], b["loss"]) is same, tasks
+    augmented.eval()  # never outside training
+    batch = a_batch(plain, (CAPTION, QA))
+    torch.manual_seed(5)
+    a = plain.eval()(batch)
+    torch.manual_seed(5)
+    assert torch.equal(a["loss"], augmented(batch)["loss"])
 
 
 def test_masked_positions_carry_the_mask_embedding_not_their_values(model):

@@ -21,4 +21,5 @@ step "$MMAR" tokenize --config configs/tokenize/mnist.yaml                      
 step "$MMAR" pretrain --config configs/pretrain/mnist.yaml                            # -> $RUN/pretrain/final
 step "$MMAR" finetune --config configs/finetune/mnist.yaml                            # -> $RUN/finetune/final
 step "$MMAR" evaluate --config configs/evaluate/mnist.yaml                            # -> $RUN/eval/report.md
-echo "example-mnist: $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s; report: $RUN/eval/report.md"
+"$PYTHON" examples/mnist/summary.py "$RUN/eval/metrics.json" --seconds $(( SECONDS - start ))
+echo "report: $RUN/eval/report.md"
