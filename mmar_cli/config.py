@@ -90,7 +90,8 @@ class TokenizeConfig:
                                "(out/test); see val_fraction")
     split_seed: int = opt(0, "seed of the split assignment: u = first 8 bytes (big-endian) of "
                           "sha256('{split_seed}:{key}') / 2^64; test if u < test_fraction, val if "
-                          "u < test_fraction + val_fraction, else train")
+                          "u < test_fraction + val_fraction, else train. It also seeds the order a user "
+                          "input's samples are written in (a hash of seed and key), split or not")
     tokenizer_from: Optional[str] = opt(None, "a token shard directory (e.g. data/photos/train) whose "
                                         "tokenizers are used as they are: nothing is fitted, image_size and "
                                         "the tokenizer settings come from it, and the manifest carries the "
