@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -31,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
+from mmar_cli.machine import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results.md"
@@ -81,27 +80,11 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # The machine
 # --------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "unknown"
-
-
-def machine() -> dict:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu_model(), "cores": cores, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version()}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, comm
                                  single_command_app)
 from mmar_cli.config import EvaluateConfig, to_container
 from mmar_cli.errors import UserError
+from mmar_cli.machine import machine
 from mmar_cli.metrics import accuracy, diversity, fid, judges, recon
 from mmar_cli.progress import progress
 from stages.sample import image_grid, save_png
@@ -342,7 +343,7 @@ def run(cfg) -> dict:
 
     result = {
         "mmar_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command_line(),
-        "checkpoint": ckpt_info, "reference": reference, "judges": judge_info,
+        "checkpoint": ckpt_info, "reference": reference, "judges": judge_info, "machine": machine(),
         "settings": {"seed": cfg.seed, "ema": cfg.ema, "gen": to_container(cfg.gen)},
         "versions": {"mmar": __version__, "torch": torch.__version__, "torchmetrics": version("torchmetrics"),
                      "clean-fid": version("clean-fid")},

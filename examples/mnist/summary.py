@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import time
 from pathlib import Path
@@ -29,16 +27,6 @@ TARGETS = [
 ]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("metrics", type=Path, help="metrics.json written by mmar evaluate")
@@ -54,7 +42,7 @@ def main() -> None:
                 f"{'met' if minutes <= 15 else 'MISSED'} |")
     section = "\n".join([
         HEADING, "",
-        f"Last run {time.strftime('%Y-%m-%d')} on {cpu_model()} ({len(os.sched_getaffinity(0))} cores), "
+        f"Last run {time.strftime('%Y-%m-%d')} on {result['machine']['cpu']} ({result['machine']['cores']} cores), "
         f"`make example-mnist`; {result['reference']['num_samples']} held-out digits; judge "
         f"`{result['judges'].get('classifier', {}).get('hash', '?')[:16]}`; precision/recall: "
         f"{result['provenance'].get('gen.recall', {}).get('evaluator', '?')}.", "",
