@@ -309,7 +309,7 @@ def run(cfg) -> dict:
     if spread["groups"]:
         record({"gen.spread": spread["spread"]},
                f"mean pairwise distance among generated / among true images of one {grouped_by}, averaged over "
-               f"{spread['groups']} {grouped_by}s, in the {space}", n, gen_settings,
+               f"{spread['groups']} {'classes' if grouped_by == 'class' else 'prompts'}, in the {space}", n, gen_settings,
                note="1.0: as varied as the data; near-copies of one image score near 0")
     else:
         notes.append(f"no {grouped_by} has two held-out samples: no within-{grouped_by} spread (raise num_samples)")
@@ -323,8 +323,8 @@ def run(cfg) -> dict:
     record(caption_accuracy(captions, samples), f"exact match and shapes.parse_caption, mmar {__version__}", n,
            text_settings)
     record(_prefixed("und.caption", accuracy.text_similarity(captions, truths)),
-           f"torchmetrics {version('torchmetrics')}: corpus BLEU-4 (bleu_score, n_gram 4) and mean ROUGE-L "
-           f"F-measure (rouge_score), lower case", n, text_settings)
+           f"torchmetrics {version('torchmetrics')}: corpus BLEU-4 (bleu_score, n_gram 4, no smoothing) and mean "
+           f"ROUGE-L F-measure (rouge_score), lower case, words of any script", n, text_settings)
     asked = [i for i, s in enumerate(samples) if s["question"] and s["answer"]]
     answers = []
     if asked:
