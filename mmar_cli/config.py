@@ -43,6 +43,11 @@ class ImageTokenizerConfig:
     vae_scale: Optional[float] = opt(None, "'vae': latent scale factor; None = measured on the data so "
                                      "latents have unit std (LDM KL-16 uses 0.2325)")
     flip: bool = opt(False, "also store the tokens of the horizontally flipped image (MAR's cache)")
+    shifts: int = opt(0, "training split: also store the tokens of this many copies of each image moved by up "
+                         "to `shift_px` pixels each way (edges repeated); image -> text training reads the image or "
+                         "one of its copies at random, per sample and epoch: an augmentation for a small dataset",
+                  min=0)
+    shift_px: int = opt(2, "largest move of a shifted copy, in pixels", min=1)
 
 
 @dataclass

@@ -27,6 +27,7 @@ built-in dataset), image_size is theirs, and a tokenizer setting that contradict
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -73,6 +74,20 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def shifted_copies(images: np.ndarray, keys: List[str], copies: int, max_px: int) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> [B, copies, H, W, 3]: each image moved by up to `max_px` pixels each way, edge
+    pixels repeated. The moves are drawn from a generator seeded by the sample's key, so a sample's copies
+    are the same for any worker count or shard size."""
+    b, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (max_px, max_px), (max_px, max_px), (0, 0)), mode="edge")
+    out = np.empty((b, copies, h, w, 3), dtype=np.uint8)
+    for i, key in enumerate(keys):
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"shift:{key}".encode()).digest()[:8], "big"))
+        for k, (dy, dx) in enumerate(rng.integers(0, 2 * max_px + 1, (copies, 2))):
+            out[i, k] = padded[i, dy:dy + h, dx:dx + w]
+    return out
+
+
 def tokenize_chunk(job: dict, progress=None) -> dict:
     """Load, encode and write the records of one chunk, streaming in batches of ENCODE_BATCH. Returns
     the shard entry (None when every record was bad), the skipped inputs and the chunk's texts (they
@@ -84,9 +99,14 @@ def tokenize_chunk(job: dict, progress=None) -> dict:
         images = np.stack([s["image"] for _, s in batch])
         tokens = tokenizer.encode(images).numpy()
         flips = tokenizer.encode(images[:, :, ::-1].copy()).numpy() if job["flip"] else [None] * len(batch)
-        for (record, s), tok, flip in zip(batch, tokens, flips):
+        views = [None] * len(batch)
+        if job["shifts"]:
+            moved = shifted_copies(images, [record.key for record, _ in batch], job["shifts"], job["shift_px"])
+            views = tokenizer.encode(moved.reshape(-1, *images.shape[1:])).numpy()
+            views = views.reshape(len(batch), job["shifts"], *views.shape[1:])
+        for (record, s), tok, flip, view in zip(batch, tokens, flips, views):
             texts.extend(t for t in (s["caption"], s["meta"]["question"], s["meta"]["answer"]) if t)
-            yield shards.encode_sample(record.key, tok, s["caption"], s["meta"], flip)
+            yield shards.encode_sample(record.key, tok, s["caption"], s["meta"], flip, view)
 
     def samples():
         batch = []
@@ -395,7 +415,9 @@ def run(cfg, set_keys=()) -> List[dict]:
         image_spec, name = image_tok.spec(), split or "shard"
         jobs = [{"records": records[i:i + cfg.shard_size], "path": str(directory / shards.shard_name(name, k)),
                  "dir": str(directory), "image_spec": image_spec, "image_size": cfg.image_size,
-                 "flip": cfg.image_tokenizer.flip, "strict": cfg.strict}
+                 "flip": cfg.image_tokenizer.flip, "strict": cfg.strict,
+                 "shifts": cfg.image_tokenizer.shifts if split in ("train", None) else 0,
+                 "shift_px": cfg.image_tokenizer.shift_px}
                 for k, i in enumerate(range(0, len(records), cfg.shard_size))]
         results = _run_chunks(jobs, cfg.workers, len(records), f"tokenize {split or cfg.input}")
         skipped = skipped + [s for r in results for s in r["skipped"]]
@@ -421,7 +443,8 @@ def run(cfg, set_keys=()) -> List[dict]:
         elif split is not None:
             extra["split"] = {"name": split, "counts": counts, "rule": "built-in: shapes.num_train/num_val/num_test"}
         manifest = shards.build_manifest(written, text_tok, image_tok, source, skipped, cfg.image_tokenizer.flip,
-                                         command_line(), extra)
+                                         command_line(), extra,
+                                         views=cfg.image_tokenizer.shifts if split in ("train", None) else 0)
         shards.write_manifest(dirs[split], manifest)
         summaries.append({"dir": str(dirs[split]), "samples": manifest["samples"], "shards": len(written),
                           "skipped": len(skipped), "seconds": seconds})

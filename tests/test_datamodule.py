@@ -25,7 +25,7 @@ from mmar_cli.tokenizers.text import byte_tokenizer
 COLOURS = ["red", "green", "blue", "yellow"]
 
 
-def make_shards(directory, num_shards=2, per_shard=16, seed=0, long_every=0, patch=4, source="test"):
+def make_shards(directory, num_shards=2, per_shard=16, seed=0, long_every=0, patch=4, source="test", views=0):
     """A complete shard directory; every `long_every`-th caption is too long for a 24-token suffix."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,8 @@ def make_shards(directory, num_shards=2, per_shard=16, seed=0, long_every=0, pat
             if long_every and n % long_every == 0:
                 caption = "a very long caption that will not fit the layout " * 2
             meta = {"source": source, "question": "what colour?", "answer": colour} if n % 2 else {"source": source}
-            samples.append(shard_io.encode_sample(f"s{n:05d}", tokens, caption, meta))
+            copies = np.stack([tokens + k + 1 for k in range(views)]) if views else None  # told apart by value
+            samples.append(shard_io.encode_sample(f"s{n:05d}", tokens, caption, meta, views=copies))
         written.append(shard_io.write_shard(directory / shard_io.shard_name("train", s), samples))
     manifest = shard_io.build_manifest(written, tok, image_tok, {"input": source}, [], False, "test")
     shard_io.save_tokenizers(directory, tok, image_tok)
@@ -205,3 +206,16 @@ def test_cached_shards_replay_the_stream_read_from_disk(tmp_path, monkeypatch):
     cached, streamed = runs["cached"], runs["streamed"]
     assert cached[:2] == streamed[:2] and sum(cached[1]) >= 3  # the same batches, the error counted each epoch
     assert set(cached[2].values()) == {1} and min(streamed[2].values()) >= 3  # each shard read once vs per epoch
+
+
+def test_understanding_rows_read_the_image_or_one_shifted_copy_and_generation_rows_the_image(tmp_path):
+    directory = make_shards(tmp_path / "d", views=2)
+    originals = {s["key"]: s["tokens"].astype(np.float32) for s in shard_io.iterate_samples(directory)}
+    seen = {"understanding": [0, 0, 0], "generation": [0, 0, 0]}  # rows read as the image, copy 1, copy 2
+    for batch in take(stream(directory, batch_size=8), 20):
+        for key, tokens, task in zip(batch["keys"], batch["image_tokens"], batch["task"].tolist()):
+            offset = float((tokens - torch.from_numpy(originals[key])).mean())
+            assert round(offset) in (0, 1, 2) and abs(offset - round(offset)) < 0.01, offset  # float16 round-off
+            seen["understanding" if task in (CAPTION, QA) else "generation"][round(offset)] += 1
+    assert seen["generation"][1:] == [0, 0] and seen["generation"][0] > 40
+    assert min(seen["understanding"]) >= 10, seen

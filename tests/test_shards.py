@@ -38,7 +38,7 @@ def test_written_shards_read_back_through_webdataset(tmp_path):
     paths = shards.shard_paths(tmp_path)
     assert [p.rsplit("/", 1)[1] for p in paths] == ["train-000000.tar", "train-000001.tar"]
     assert json.loads((tmp_path / "sizes.json").read_text()) == {"train-000000.tar": 3, "train-000001.tar": 2}
-    assert manifest["samples"] == 5 and manifest["tokens"] == {"shape": [16, 192], "dtype": "float16", "flip": True}
+    assert manifest["samples"] == 5 and manifest["tokens"] == {"shape": [16, 192], "dtype": "float16", "flip": True, "views": 0}
     assert manifest["skipped"] == {"count": 1, "reasons": {"bad.png": "unreadable image"}}
     assert all(s["sha256"] == shards.file_sha256(tmp_path / s["file"]) for s in manifest["shards"])
 

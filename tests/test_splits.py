@@ -332,3 +332,33 @@ def test_a_split_not_written_again_does_not_survive_overwrite(tmp_path):
     assert result.exit_code == 2 and "--overwrite" in output and (tmp_path / "out" / "test").is_dir()
     ok("--input", src, "--out", tmp_path / "out", "--val-fraction", 0.3, "image_size=16", "--overwrite")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train", "val"]
+
+
+def test_shifted_copies_move_the_image_by_a_key_seeded_offset_with_repeated_edges():
+    from stages.tokenize import shifted_copies
+
+    image = np.zeros((1, 8, 8, 3), np.uint8)
+    image[0, 4, 4] = 255
+    copies = shifted_copies(image, ["k1"], copies=6, max_px=2)
+    assert copies.shape == (1, 6, 8, 8, 3)
+    for copy in copies[0]:
+        (y,), (x,) = np.nonzero(copy[..., 0])[:2]
+        assert abs(y - 4) <= 2 and abs(x - 4) <= 2 and copy.sum() == 255 * 3
+    assert np.array_equal(copies, shifted_copies(image, ["k1"], 6, 2))  # the same key, the same moves
+    assert not np.array_equal(copies, shifted_copies(image, ["k2"], 6, 2))
+
+
+def test_shifted_views_are_stored_for_the_training_split_alone_whatever_the_workers(tmp_path):
+    src = write_tars(tmp_path / "in", [make_samples(40)])
+    settings = ["image_size=16", "--test-fraction", 0.25, "image_tokenizer.shifts=3"]
+    ok("--input", src, "--out", tmp_path / "a", *settings)
+    ok("--input", src, "--out", tmp_path / "b", *settings, "--workers", 2, "shard_size=7")
+    a = {s["key"]: s for s in decoded(tmp_path / "a" / "train")}
+    b = {s["key"]: s for s in decoded(tmp_path / "b" / "train")}
+    assert a.keys() == b.keys()
+    for key, s in a.items():
+        assert s["views"].shape == (3, *s["tokens"].shape) and np.array_equal(s["views"], b[key]["views"])
+    assert any(not np.array_equal(v, s["tokens"]) for s in a.values() for v in s["views"])
+    assert all(s["views"] is None for s in decoded(tmp_path / "a" / "test"))
+    assert shards.read_manifest(tmp_path / "a" / "train")["tokens"]["views"] == 3
+    assert shards.read_manifest(tmp_path / "a" / "test")["tokens"]["views"] == 0

@@ -55,7 +55,7 @@ def test_no_arguments_writes_train_val_test_with_shared_tokenizers(tmp_path, mon
 
     train = manifests["train"]
     assert train["source"] == {"input": "builtin", "format": "builtin", "split": "train"}
-    assert train["tokens"] == {"shape": [16, 192], "dtype": "float16", "flip": False}
+    assert train["tokens"] == {"shape": [16, 192], "dtype": "float16", "flip": False, "views": 0}
     assert train["image_tokenizer"]["spec"]["kind"] == "patch" and train["text_tokenizer"]["spec"]["kind"] == "bpe"
     assert train["command"] == command_line() and train["format_version"] == 1 and train["skipped"]["count"] == 0
     for m in manifests.values():  # one tokenizer, fitted on train, copied as is
@@ -81,7 +81,7 @@ def test_pca_state_is_saved_once_and_shared_by_every_split(tmp_path):
     hashes = set()
     for split in ("train", "val", "test"):
         m = shards.read_manifest(tmp_path / "o" / split)
-        assert m["tokens"] == {"shape": [16, 16], "dtype": "float16", "flip": True}
+        assert m["tokens"] == {"shape": [16, 16], "dtype": "float16", "flip": True, "views": 0}
         assert (tmp_path / "o" / split / "image_tokenizer.safetensors").is_file()
         hashes.add(m["image_tokenizer"]["hash"])
     assert len(hashes) == 1
@@ -111,7 +111,7 @@ def test_vae_tokens_with_flip_in_two_workers(tmp_path):
        "image_tokenizer.patch_size=2", "image_tokenizer.flip=true")
     m = shards.read_manifest(tmp_path / "o" / "train", verify=True)
     assert m["samples"] == 24 and len(m["shards"]) == 3
-    assert m["tokens"] == {"shape": [64, 16], "dtype": "float16", "flip": True}
+    assert m["tokens"] == {"shape": [64, 16], "dtype": "float16", "flip": True, "views": 0}
     spec = m["image_tokenizer"]["spec"]
     assert spec["vae_path"] == vae and spec["vae_scale"] > 0 and spec["downsample"] == 2
     got = decoded(tmp_path / "o" / "train")

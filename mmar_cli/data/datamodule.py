@@ -6,7 +6,8 @@
       -> samples (corrupt tars and samples are skipped and counted) -> decode; shards of a dataset of at
          most CACHE_MB on disk are read and decoded once per worker and replayed from memory after
       -> a task for each sample (text->image, caption, question->answer, unconditional), drawn from
-         TaskMixConfig; samples whose text does not fit the layout are skipped and counted
+         TaskMixConfig; samples whose text does not fit the layout are skipped and counted; an image ->
+         text sample with shifted copies (tokenize's image_tokenizer.shifts) reads the image or one copy
       -> a shuffle buffer -> batches collated by `sequence.build_batch`
 
 The stream is infinite (epoch after epoch) and a pure function of (seed, rank, worker), so a resumed run
@@ -142,6 +143,13 @@ class TokenBatches(IterableDataset):
                     continue
                 sample = dict(item)
                 task, text, answer = assign_task(rng, sample, self.mix)
+                views = sample.get("views")
+                if task in (CAPTION, QA) and views is not None and len(views):
+                    # understanding reads the image or one of its shifted copies; generation keeps learning
+                    # the images as they are
+                    pick = rng.randrange(len(views) + 1)
+                    if pick:
+                        sample["tokens"] = views[pick - 1]
                 if not fits(self.tok, self.layout, task, text, answer):
                     counts["skipped_long"] += 1
                     continue

@@ -5,6 +5,7 @@ open_clip's convention), the tokenizers' files and `manifest.json`. Each sample 
 
     {key}.tokens.npy   float16 [N, D] continuous image tokens
     {key}.flip.npy     float16 [N, D] tokens of the horizontally flipped image (optional)
+    {key}.views.npy    float16 [K, N, D] tokens of K shifted copies of the image (optional, training)
     {key}.txt          caption, UTF-8
     {key}.json         {source, size, question, answer, attributes} + the input's own small JSON fields
                        (e.g. label; ours win on a clash)
@@ -62,12 +63,14 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def encode_sample(key: str, tokens: np.ndarray, caption: str, meta: dict,
-                  flip: Optional[np.ndarray] = None) -> dict:
+                  flip: Optional[np.ndarray] = None, views: Optional[np.ndarray] = None) -> dict:
     """One sample as the bytes TarWriter stores (float16 tokens, UTF-8 text and JSON)."""
     sample = {"__key__": key, "tokens.npy": _npy_bytes(tokens), "txt": caption.encode("utf-8"),
               "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
     if flip is not None:
         sample["flip.npy"] = _npy_bytes(flip)
+    if views is not None:
+        sample["views.npy"] = _npy_bytes(views)
     return sample
 
 
@@ -104,7 +107,8 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def build_manifest(shards: List[dict], text_tokenizer, image_tokenizer, source: dict,
-                   skipped: List[tuple], flip: bool, command: str, extra: Optional[dict] = None) -> dict:
+                   skipped: List[tuple], flip: bool, command: str, extra: Optional[dict] = None,
+                   views: int = 0) -> dict:
     """`extra`: more top-level sections (tokenize adds `split` and `tokenizer_settings`)."""
     from mmar_cli import __version__
 
@@ -118,7 +122,7 @@ def build_manifest(shards: List[dict], text_tokenizer, image_tokenizer, source: 
         "image_tokenizer": {"spec": image_spec, "hash": tokenizer_hash(image_spec)},
         "text_tokenizer": {"spec": text_spec, "hash": tokenizer_hash(text_spec)},
         "tokens": {"shape": [image_tokenizer.grid[0] * image_tokenizer.grid[1], image_tokenizer.token_dim],
-                   "dtype": TOKEN_DTYPE, "flip": flip},
+                   "dtype": TOKEN_DTYPE, "flip": flip, "views": views},
         "samples": sum(s["samples"] for s in shards),
         "shards": shards,
         "skipped": {"count": len(skipped), "reasons": {file: reason for file, reason in skipped}},
@@ -220,7 +224,7 @@ def _array(value) -> Optional[np.ndarray]:
 
 def decode_sample(sample: dict) -> dict:
     """A sample as WebDataset yields it (raw bytes, or values its default decoder already decoded) ->
-    {key, tokens float16 [N, D], flip (or None), caption, question, answer, meta}."""
+    {key, tokens float16 [N, D], flip (or None), views [K, N, D] (or None), caption, question, answer, meta}."""
     caption = _value(sample, "txt")
     meta = _value(sample, "json") or {}
     if isinstance(caption, (bytes, bytearray)):
@@ -228,7 +232,8 @@ def decode_sample(sample: dict) -> dict:
     if isinstance(meta, (bytes, bytearray, str)):
         meta = json.loads(meta)
     return {"key": sample["__key__"], "tokens": _array(_value(sample, "tokens.npy")),
-            "flip": _array(_value(sample, "flip.npy")), "caption": caption,
+            "flip": _array(_value(sample, "flip.npy")), "views": _array(_value(sample, "views.npy")),
+            "caption": caption,
             "question": meta.get("question"), "answer": meta.get("answer"), "meta": meta}
 
 
