@@ -135,16 +135,21 @@ def tokenize_chunk(job: dict, progress=None) -> dict:
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
-def _prepare_output(directory: Path, overwrite: bool) -> None:
-    """Refuse an existing directory unless `overwrite`; even then delete only files tokenize writes."""
+def _prepare_output(directory: Path, overwrite: bool, splits_too: bool = True) -> None:
+    """Refuse an existing directory unless `overwrite`; even then delete only files tokenize writes (and,
+    when `splits_too`, the train/val/test directories an earlier split run wrote there)."""
     if directory.exists() and any(directory.iterdir()):
         if not overwrite:
             raise UserError(f"output directory {directory} already exists; pass --overwrite to replace it")
         ours = {p for pattern in OUR_FILES for p in directory.glob(pattern)}
-        foreign = [p for p in directory.iterdir() if p not in ours]
+        splits = {directory / s for s in SPLITS if (directory / s).is_dir()} if splits_too else set()
+        foreign = [p for p in directory.iterdir() if p not in ours | splits]
         if foreign:
             raise UserError(f"refusing to overwrite {directory}: it holds files tokenize did not write "
                             f"(e.g. {foreign[0].name})")
+        for split in splits:
+            _prepare_output(split, overwrite, splits_too=False)  # only our files, or a one-line refusal
+            split.rmdir()
         for p in ours:
             p.unlink()
     directory.mkdir(parents=True, exist_ok=True)
@@ -395,7 +400,7 @@ def run(cfg, set_keys=()) -> List[dict]:
         # in another split (evaluating on training data), and its tokenizer hashes would still match
         for stale in (out / s for s in SPLITS if s not in splits):
             if stale.is_dir():
-                _prepare_output(stale, cfg.overwrite)
+                _prepare_output(stale, cfg.overwrite, splits_too=False)
                 stale.rmdir()
     for directory in dirs.values():
         _prepare_output(directory, cfg.overwrite)

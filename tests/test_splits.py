@@ -362,3 +362,17 @@ def test_shifted_views_are_stored_for_the_training_split_alone_whatever_the_work
     assert all(s["views"] is None for s in decoded(tmp_path / "a" / "test"))
     assert shards.read_manifest(tmp_path / "a" / "train")["tokens"]["views"] == 3
     assert shards.read_manifest(tmp_path / "a" / "test")["tokens"]["views"] == 0
+
+
+def test_an_unsplit_run_replaces_an_earlier_split_output_with_overwrite(tmp_path):
+    src = write_tars(tmp_path / "in", [make_samples(30)])
+    ok("--input", src, "--out", tmp_path / "out", "--test-fraction", 0.3, "image_size=16")
+    result, output = tokenize("--input", src, "--out", tmp_path / "out", "image_size=16")
+    assert result.exit_code == 2 and "--overwrite" in output
+    ok("--input", src, "--out", tmp_path / "out", "image_size=16", "--overwrite")
+    assert not (tmp_path / "out" / "train").exists() and not (tmp_path / "out" / "test").exists()
+    assert shards.read_manifest(tmp_path / "out")["samples"] == 30
+    (tmp_path / "out2" / "train").mkdir(parents=True)
+    (tmp_path / "out2" / "train" / "my_photo.png").write_bytes(b"x")  # not ours: never deleted
+    result, output = tokenize("--input", src, "--out", tmp_path / "out2", "image_size=16", "--overwrite")
+    assert result.exit_code == 2 and "my_photo.png" in output and (tmp_path / "out2" / "train" / "my_photo.png").exists()
