@@ -12,9 +12,9 @@ true held-out images: its score there (`ref.<judge>.*`) is the ceiling of its sc
 
 Both have one interface: `expected(sample)` (what the sample asks for, None when this judge cannot tell),
 `hits(images, expected)` (per image, {ask: right}) and `verdicts(images, expected)` (a phrase per image
-for the report). The classifier is trained once per training set
-and cached beside its shards (`judge-<hash>.safetensors` + `.json`, the hash covering the shards'
-manifest, the label key, the recipe and the seed), so a second evaluation reuses it.
+for the report). The classifier is trained once per training set and cached beside its shards
+(`judge-<hash>.safetensors` + `.json`, the hash covering the shards' manifest, the label key, the recipe
+and the seed), so a second evaluation reuses it.
 """
 
 from __future__ import annotations
