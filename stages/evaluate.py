@@ -305,7 +305,7 @@ def run(cfg) -> dict:
         record(_prefixed("gen", diversity.precision_recall(feats_true, feats_gen)),
                f"improved precision/recall (Kynkaanniemi et al. 2019), k={diversity.K_NEAREST}, in the {space}",
                n, gen_settings, note="generated vs the true held-out images, equal N")
-    spread = diversity.group_spread(feats_true, feats_gen, groups, groups)
+    spread = diversity.group_spread(feats_true, feats_gen, groups)
     if spread["groups"]:
         record({"gen.spread": spread["spread"]},
                f"mean pairwise distance among generated / among true images of one {grouped_by}, averaged over "

@@ -27,7 +27,6 @@ built-in dataset), image_size is theirs, and a tokenizer setting that contradict
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -82,7 +81,7 @@ def shifted_copies(images: np.ndarray, keys: List[str], copies: int, max_px: int
     padded = np.pad(images, ((0, 0), (max_px, max_px), (max_px, max_px), (0, 0)), mode="edge")
     out = np.empty((b, copies, h, w, 3), dtype=np.uint8)
     for i, key in enumerate(keys):
-        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"shift:{key}".encode()).digest()[:8], "big"))
+        rng = np.random.default_rng(sources.key_hash("shift", key))
         for k, (dy, dx) in enumerate(rng.integers(0, 2 * max_px + 1, (copies, 2))):
             out[i, k] = padded[i, dy:dy + h, dx:dx + w]
     return out
@@ -414,6 +413,8 @@ def run(cfg, set_keys=()) -> List[dict]:
                                           if cfg.image_tokenizer.kind != "patch" else None)
         text_tok, settings = None, _settings(cfg)
     done, summaries = [], []
+    # shifted copies only where training reads them
+    shifts = {split: cfg.image_tokenizer.shifts if split in ("train", None) else 0 for split in splits}
     for split, (records, skipped) in splits.items():
         start, directory = time.time(), dirs[split]
         image_tok.save(directory)
@@ -421,8 +422,7 @@ def run(cfg, set_keys=()) -> List[dict]:
         jobs = [{"records": records[i:i + cfg.shard_size], "path": str(directory / shards.shard_name(name, k)),
                  "dir": str(directory), "image_spec": image_spec, "image_size": cfg.image_size,
                  "flip": cfg.image_tokenizer.flip, "strict": cfg.strict,
-                 "shifts": cfg.image_tokenizer.shifts if split in ("train", None) else 0,
-                 "shift_px": cfg.image_tokenizer.shift_px}
+                 "shifts": shifts[split], "shift_px": cfg.image_tokenizer.shift_px}
                 for k, i in enumerate(range(0, len(records), cfg.shard_size))]
         results = _run_chunks(jobs, cfg.workers, len(records), f"tokenize {split or cfg.input}")
         skipped = skipped + [s for r in results for s in r["skipped"]]
@@ -448,8 +448,7 @@ def run(cfg, set_keys=()) -> List[dict]:
         elif split is not None:
             extra["split"] = {"name": split, "counts": counts, "rule": "built-in: shapes.num_train/num_val/num_test"}
         manifest = shards.build_manifest(written, text_tok, image_tok, source, skipped, cfg.image_tokenizer.flip,
-                                         command_line(), extra,
-                                         views=cfg.image_tokenizer.shifts if split in ("train", None) else 0)
+                                         command_line(), extra, views=shifts[split])
         shards.write_manifest(dirs[split], manifest)
         summaries.append({"dir": str(dirs[split]), "samples": manifest["samples"], "shards": len(written),
                           "skipped": len(skipped), "seconds": seconds})

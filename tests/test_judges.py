@@ -88,13 +88,13 @@ def test_group_spread_is_one_for_the_data_and_near_zero_for_copies():
     groups = np.repeat(np.arange(5), 40)
     real = rng.normal(size=(200, 16)) + 10 * groups[:, None]
     fresh = rng.normal(size=(200, 16)) + 10 * groups[:, None]
-    assert diversity.group_spread(real, fresh, groups, groups)["spread"] == pytest.approx(1.0, abs=0.05)
+    assert diversity.group_spread(real, fresh, groups)["spread"] == pytest.approx(1.0, abs=0.05)
     copies = real[groups * 40] + 0.01 * fresh  # each group's first image, again and again
-    result = diversity.group_spread(real, copies, groups, groups)
+    result = diversity.group_spread(real, copies, groups)
     assert result["groups"] == 5 and result["spread"] < 0.02
-    half = diversity.group_spread(real, 10 * groups[:, None] + 0.5 * (fresh - 10 * groups[:, None]), groups, groups)
+    half = diversity.group_spread(real, 10 * groups[:, None] + 0.5 * (fresh - 10 * groups[:, None]), groups)
     assert half["spread"] == pytest.approx(0.5, abs=0.05)
-    assert diversity.group_spread(real[:3], real[:3], [0, 1, 2], [0, 1, 2])["groups"] == 0
+    assert diversity.group_spread(real[:3], real[:3], [0, 1, 2])["groups"] == 0
 
 
 def test_text_similarity_is_one_for_the_truth_and_falls_with_wrong_words():

@@ -75,20 +75,27 @@ def safe_key(name) -> str:
     return "".join(c if c.isprintable() else "_" for c in key)
 
 
+def key_hash(*parts) -> int:
+    """A 64-bit number from a sample's key (and a seed or a purpose): the first 8 bytes, big-endian, of
+    sha256 of the parts joined by ':'. Everything tokenize draws per sample comes from it, so nothing
+    depends on the listing order, the workers or the shard size."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode("utf-8")).digest()[:8], "big")
+
+
 def assign_split(key: str, seed: int, val_fraction: float, test_fraction: float) -> str:
     """'train', 'val' or 'test': a pure function of the key and the seed, so a sample stays in its split
-    whatever the workers, shard sizes or input order. u = first 8 bytes of sha256('{seed}:{key}') / 2^64
-    is uniform on [0, 1): test if u < test_fraction, val if u < test_fraction + val_fraction."""
-    u = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()[:8], "big") / 2 ** 64
+    whatever the workers, shard sizes or input order. u = key_hash(seed, key) / 2^64 is uniform on [0, 1):
+    test if u < test_fraction, val if u < test_fraction + val_fraction."""
+    u = key_hash(seed, key) / 2 ** 64
     if u < test_fraction:
         return "test"
     return "val" if u < test_fraction + val_fraction else "train"
 
 
-def order_key(key: str, seed: int) -> bytes:
+def order_key(key: str, seed: int) -> int:
     """Where a sample goes in tokenize's output order: a hash of its key, so the order is shuffled, the
     same for any listing order, and independent of the split assignment's hash."""
-    return hashlib.sha256(f"order:{seed}:{key}".encode("utf-8")).digest()
+    return key_hash("order", seed, key)
 
 
 def _small_value(v, in_list: bool = False) -> bool:

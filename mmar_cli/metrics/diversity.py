@@ -56,16 +56,16 @@ def _mean_pairwise(points: np.ndarray) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
-def group_spread(real: np.ndarray, generated: np.ndarray, real_groups: Sequence[Hashable],
-                 generated_groups: Sequence[Hashable]) -> Dict[str, float]:
-    """`spread`: mean over groups of (pairwise distance among generated) / (among real), and `groups`: how
-    many groups had at least two images of each kind (NaN spread when none)."""
+def group_spread(real: np.ndarray, generated: np.ndarray, groups: Sequence[Hashable]) -> Dict[str, float]:
+    """`spread`: mean over groups of (pairwise distance among generated) / (among real), row i of both
+    sets in group `groups[i]` (generated image i was drawn from real sample i's prompt), and `groups`: how
+    many groups had at least two images (NaN spread when none)."""
     ratios = []
-    real_groups, generated_groups = np.asarray(real_groups, dtype=object), np.asarray(generated_groups, dtype=object)
-    for group in sorted(set(real_groups.tolist()) & set(generated_groups.tolist()), key=str):
-        r, g = real[real_groups == group], generated[generated_groups == group]
-        if len(r) >= 2 and len(g) >= 2:
-            base = _mean_pairwise(r)
+    groups = np.asarray(groups, dtype=object)
+    for group in sorted(set(groups.tolist()), key=str):
+        rows = groups == group
+        if rows.sum() >= 2:
+            base = _mean_pairwise(real[rows])
             if base > 0:
-                ratios.append(_mean_pairwise(g) / base)
+                ratios.append(_mean_pairwise(generated[rows]) / base)
     return {"spread": float(np.mean(ratios)) if ratios else float("nan"), "groups": len(ratios)}

@@ -273,7 +273,8 @@ def classifier_judge(train_dir: str | Path, image_tok, label_key: str, seed: int
                         f"(need at least 2 classes with {MIN_PER_CLASS} images each; '{label_key}' counts: "
                         f"{shown or 'none'}{', ...' if len(counts) > 5 else ''}; {unlabelled} unlabelled)")
     classes = sorted(counts)
-    targets = np.array([classes.index(c) for c in labels])
+    index = {c: i for i, c in enumerate(classes)}
+    targets = np.array([index[c] for c in labels])
     log(f"judge: training a classifier on {len(labels)} real images of {len(classes)} classes from {train_dir}")
     model = train_classifier(inputs, targets, len(classes), seed)
     with torch.no_grad():
