@@ -46,8 +46,7 @@ def config_show(
             table.add_row(*row)
         out.print(table)
         return
-    defaults = getattr({"pretrain": pretrain, "finetune": finetune}.get(stage), "DEFAULTS", None)
-    cfg = load_config(schema, config, overrides, defaults=defaults)
+    cfg = load_config(schema, config, overrides)
     out.print(to_yaml(cfg), highlight=False, markup=False)
     if stage in ("pretrain", "finetune"):
         from mmar_cli.model.presets import preset_param_table

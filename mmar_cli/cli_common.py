@@ -32,11 +32,10 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in sys.argv)
 
 
-def build_config(schema: type, config: Optional[Path], overrides: Optional[List[str]],
-                 defaults: Optional[dict] = None, **shortcuts):
+def build_config(schema: type, config: Optional[Path], overrides: Optional[List[str]], **shortcuts):
     """Shortcut options (e.g. --out) are applied as overrides after the dotlist ones."""
     extra = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
-    return load_config(schema, config, list(overrides or []) + extra, defaults=defaults)
+    return load_config(schema, config, list(overrides or []) + extra)
 
 
 def handle_errors(fn: Callable) -> Callable:

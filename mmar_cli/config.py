@@ -32,12 +32,12 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", choices: Optional[li
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ImageTokenizerConfig:
-    kind: str = opt("patch", "image tokenizer: 'patch' (lossless pixel patches), 'pca' (patches projected "
-                    "on principal components fitted on the data), 'vae' (diffusers AutoencoderKL from a "
-                    "local directory)", choices=["patch", "pca", "vae"])
+    kind: str = opt("pca", "image tokenizer: 'patch' (lossless pixel patches), 'pca' (patches projected "
+                    "on principal components fitted on the training images, whitened), 'vae' (diffusers "
+                    "AutoencoderKL from a local directory)", choices=["patch", "pca", "vae"])
     patch_size: int = opt(8, "pixels per side of one patch token ('patch'/'pca'), or latent positions per "
                           "side grouped into one token ('vae')", min=1)
-    pca_dim: int = opt(32, "'pca': values per token kept (principal components)", min=1)
+    pca_dim: int = opt(24, "'pca': values per token kept (principal components)", min=1)
     vae_path: Optional[str] = opt(None, "'vae': local directory of a diffusers AutoencoderKL "
                                   "(config.json + weights); never downloaded")
     vae_scale: Optional[float] = opt(None, "'vae': latent scale factor; None = measured on the data so "
@@ -67,8 +67,8 @@ class ShapesConfig:
     image_size: int = opt(32, "side of the built-in dataset's images in pixels", choices=[32, 64])
     max_shapes: int = opt(1, "shapes per image (1 or 2)", min=1, max=2)
     num_train: int = opt(20000, "training images", min=0)
-    num_val: int = opt(500, "validation images", min=0)
-    num_test: int = opt(500, "test images (held out)", min=0)
+    num_val: int = opt(256, "validation images", min=0)
+    num_test: int = opt(512, "test images (held out)", min=0)
     seed: int = opt(0, "seed of the procedural dataset; the same seed gives the same images")
 
 
@@ -117,15 +117,16 @@ class DiffusionHeadConfig:
                           choices=["v", "eps"])
     num_train_timesteps: int = opt(1000, "diffusion steps of the training schedule", min=2)
     schedule: str = opt("cosine", "noise schedule", choices=["cosine", "linear"])
-    batch_mul: int = opt(4, "noise draws per token per training step (diffusion_batch_mul)", min=1)
-    mean_loss: float = opt(0.0, "weight of the auxiliary loss that regresses each masked token's value from "
+    batch_mul: int = opt(1, "noise draws per token per training step (MAR's diffusion_batch_mul, 4 there)", min=1)
+    mean_loss: float = opt(1.0, "weight of the auxiliary loss that regresses each masked token's value from "
                                 "its condition (a direct signal to the backbone; 0: off, MAR's loss only)", min=0.0)
 
 
 @dataclass
 class ModelConfig:
-    preset: str = opt("tiny", "size preset; explicit fields below override it",
-                      choices=["tiny", "small", "base", "qwen2-0.5b", "qwen2-7b"])
+    preset: str = opt("demo", "size preset ('demo': 2 blocks x 256, what `make demo` trains on a CPU); "
+                      "explicit fields below override it",
+                      choices=["demo", "tiny", "small", "base", "qwen2-0.5b", "qwen2-7b"])
     width: Optional[int] = opt(None, "hidden size (None: from preset)")
     depth: Optional[int] = opt(None, "transformer blocks (None: from preset)")
     heads: Optional[int] = opt(None, "attention heads (None: from preset)")
@@ -135,19 +136,19 @@ class ModelConfig:
     tie_embeddings: Optional[bool] = opt(None, "share the text embedding with the LM head (None: preset)")
     rope_theta: Optional[float] = opt(None, "RoPE base (None: from preset; Qwen2 uses 1e6)", min=1.0)
     norm_eps: float = opt(1e-6, "RMSNorm epsilon", min=0.0)
-    embed_init_std: float = opt(0.02, "init std of the text embedding and the image mask/position embeddings "
-                                      "(0.02: GPT-2's; with 6 blocks on the built-in data, 0.3 learnt to use "
-                                      "the prompt in 150 steps and 0.02 had not after 600)", min=0.0)
+    embed_init_std: float = opt(0.3, "init std of the text embedding and the image mask/position embeddings "
+                                     "(GPT-2 uses 0.02; 0.3 makes them about as large as the projected values "
+                                     "of known image tokens)", min=0.0)
     image_embedder_depth: int = opt(0, "ViT blocks in the image embedder (0: a linear layer)", min=0)
     image_proj_hidden: int = opt(0, "hidden width of an MLP that embeds image token values (0: one linear "
                                     "layer)", min=0)
-    image_proj_kernel: int = opt(1, "size k of the k x k window of the token grid the image embedding reads "
+    image_proj_kernel: int = opt(3, "size k of the k x k window of the token grid the image embedding reads "
                                     "(1: each token alone; 3: its neighbours too)", choices=[1, 3, 5])
     diffusion: DiffusionHeadConfig = opt(factory=DiffusionHeadConfig, help="diffusion head")
-    mask_min: float = opt(0.7, "lowest mask ratio of masked image modelling (pretrain 0.7, finetune 0.0)",
-                          min=0.0, max=1.0)
+    mask_min: float = opt(0.0, "lowest mask ratio of masked image modelling (the MMAR paper pretrains with 0.7 "
+                               "and finetunes with 0.0)", min=0.0, max=1.0)
     mask_std: float = opt(0.25, "std of the truncated normal (mean 1) the mask ratio is drawn from", min=0.0)
-    known_noise: float = opt(0.0, "std of Gaussian noise added to the known image tokens of generation rows "
+    known_noise: float = opt(0.2, "std of Gaussian noise added to the known image tokens of generation rows "
                                   "in training (sampling conditions on the model's own draws; 0: off)", min=0.0)
     caption_noise: float = opt(0.0, "std of Gaussian noise added to the image tokens of image -> text rows in "
                                     "training: an augmentation against memorising a small real dataset (0: off)",
@@ -170,10 +171,10 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class TaskMixConfig:
-    t2i: float = opt(0.5, "share of text->image samples in a batch", min=0.0)
-    i2t: float = opt(0.4, "share of image->text samples (captions, or question->answer when present)",
+    t2i: float = opt(0.6, "share of text->image samples in a batch", min=0.0)
+    i2t: float = opt(0.35, "share of image->text samples (captions, or question->answer when present)",
                      min=0.0)
-    image_only: float = opt(0.1, "share of image-only samples (unconditional generation)", min=0.0)
+    image_only: float = opt(0.05, "share of image-only samples (unconditional generation)", min=0.0)
     qa_share: float = opt(0.5, "within image->text, share of question->answer when a sample has one",
                           min=0.0, max=1.0)
     p_uncond: float = opt(0.1, "probability of dropping the caption of a text->image sample (for CFG)",
@@ -184,7 +185,7 @@ class TaskMixConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(1e-3, "peak learning rate", min=0.0)
+    lr: float = opt(2e-3, "peak learning rate", min=0.0)
     weight_decay: float = opt(0.02, "AdamW weight decay (not applied to norms, biases, embeddings)", min=0.0)
     beta1: float = opt(0.9, "AdamW beta1", min=0.0, max=1.0)
     beta2: float = opt(0.95, "AdamW beta2", min=0.0, max=1.0)
@@ -198,7 +199,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = opt(2000, "optimizer steps", min=1)
+    max_steps: int = opt(3000, "optimizer steps", min=1)
     batch_size: int = opt(64, "samples per device per step", min=1)
     precision: str = opt("bf16-mixed", "numeric precision", choices=["32", "bf16-mixed", "16-mixed"])
     accelerator: str = opt("auto", "Lightning accelerator", choices=["auto", "cpu", "gpu", "cuda"])
@@ -207,8 +208,8 @@ class TrainerConfig:
     num_nodes: int = opt(1, "nodes", min=1)
     num_workers: int = opt(1, "data loader workers per device", min=0)
     seed: int = opt(0, "global seed (model init, data order, masks, noise)")
-    ema_decay: float = opt(0.999, "EMA decay of the weights (0: no EMA)", min=0.0, max=1.0)
-    log_every: int = opt(20, "steps between log lines", min=1)
+    ema_decay: float = opt(0.995, "EMA decay of the weights (0: no EMA)", min=0.0, max=1.0)
+    log_every: int = opt(50, "steps between log lines", min=1)
     ckpt_every: int = opt(500, "steps between checkpoints", min=1)
     sample_every: int = opt(0, "steps between preview grids/captions written beside the checkpoints "
                             "(0: only at the end)", min=0)
@@ -218,6 +219,7 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
+    """`mmar pretrain`: every mask ratio and every task from the first step."""
     data: str = opt("data/shapes/train", "token shard directory (written by `mmar tokenize`)")
     val_data: Optional[str] = opt("data/shapes/val", "validation shard directory (None: no validation)")
     out: str = opt("runs/pretrain", "run directory: step-XXXXXXXX/ and final/ are written here")
@@ -227,6 +229,22 @@ class TrainConfig:
     tasks: TaskMixConfig = opt(factory=TaskMixConfig, help="task mixture and loss weights")
     optim: OptimConfig = opt(factory=OptimConfig, help="optimizer and LR schedule")
     trainer: TrainerConfig = opt(factory=TrainerConfig, help="Lightning trainer")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """`mmar finetune`: from a pretrained checkpoint, more image -> text (the caption's last words are the
+    last thing learnt) and a lower learning rate. The architecture comes from `init`."""
+    out: str = opt("runs/finetune", "run directory: step-XXXXXXXX/ and final/ are written here")
+    init: Optional[str] = opt("runs/pretrain/final", "checkpoint directory whose weights and architecture start "
+                              "this run; of `model`, only the training keys (mask_min, mask_std, known_noise, "
+                              "caption_noise, grad_checkpointing) are read from this config")
+    tasks: TaskMixConfig = opt(factory=lambda: TaskMixConfig(t2i=0.4, i2t=0.6, image_only=0.0),
+                               help="task mixture and loss weights")
+    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, min_lr_ratio=0.05),
+                             help="optimizer and LR schedule")
+    trainer: TrainerConfig = opt(factory=lambda: TrainerConfig(max_steps=1120, ckpt_every=400),
+                                 help="Lightning trainer")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,7 +316,7 @@ class EvaluateConfig:
 STAGES = {
     "tokenize": TokenizeConfig,
     "pretrain": TrainConfig,
-    "finetune": TrainConfig,
+    "finetune": FinetuneConfig,
     "sample": SampleConfig,
     "evaluate": EvaluateConfig,
 }
@@ -320,13 +338,10 @@ def _friendly(err: OmegaConfBaseException, cfg: DictConfig) -> str:
     return f"config key '{key}': {msg}" if key else f"config: {msg}"
 
 
-def load_config(schema: type, path: Optional[str | Path] = None, overrides: Optional[List[str]] = None,
-                defaults: Optional[dict] = None) -> DictConfig:
-    """schema defaults <- `defaults` (stage-specific) <- YAML at `path` <- `overrides` (key=value)."""
+def load_config(schema: type, path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> DictConfig:
+    """schema defaults <- YAML at `path` <- `overrides` (key=value)."""
     cfg = OmegaConf.structured(schema)
     try:
-        if defaults:
-            cfg = OmegaConf.merge(cfg, defaults)
         if path is not None:
             p = Path(path)
             if not p.is_file():
@@ -373,19 +388,20 @@ def _field_class(schema: type, name: str) -> Optional[type]:
     return None
 
 
-def describe_fields(schema: type, prefix: str = "") -> List[tuple[str, str, str]]:
-    """(dotted key, default, help) for every leaf field: used by --help and `mmar config show`."""
+def describe_fields(schema: type, prefix: str = "", defaults: Any = None) -> List[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field: used by --help and `mmar config show`. The
+    defaults are those of an instance, so a stage's own sub-config defaults (FinetuneConfig.tasks) show."""
+    defaults = schema() if defaults is None else defaults
     rows = []
     for f in dataclasses.fields(schema):
-        sub = _field_class(schema, f.name)
-        if sub is not None:
-            rows += describe_fields(sub, f"{prefix}{f.name}.")
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_fields(type(value), f"{prefix}{f.name}.", value)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
         if f.metadata.get("choices"):
             help_text += f" [{' | '.join(str(c) for c in f.metadata['choices'])}]"
-        rows.append((f"{prefix}{f.name}", repr(default), help_text))
+        rows.append((f"{prefix}{f.name}", repr(value), help_text))
     return rows
 
 

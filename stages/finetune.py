@@ -15,14 +15,10 @@ from typing import List, Optional
 import typer
 
 from mmar_cli.cli_common import handle_errors, single_command_app
-from mmar_cli.config import TrainConfig
+from mmar_cli.config import FinetuneConfig
 from stages.train_common import CONFIG, DATA, MAX_STEPS, OUT, OVERRIDES, OVERWRITE, RESUME, cli_run
 
-SCHEMA = TrainConfig
-DEFAULTS = {"out": "runs/finetune", "init": "runs/pretrain/final", "model": {"mask_min": 0.0},
-            "tasks": {"t2i": 0.4, "i2t": 0.5, "image_only": 0.1, "qa_share": 0.5},
-            "optim": {"lr": 5e-4, "warmup_steps": 20},
-            "trainer": {"max_steps": 100, "batch_size": 32, "ckpt_every": 50, "sample_every": 50}}
+SCHEMA = FinetuneConfig
 
 
 @handle_errors
@@ -38,7 +34,7 @@ def cli(
     overwrite: bool = OVERWRITE,
 ):
     """Finetune a pretrained MMAR checkpoint; writes OUT/step-XXXXXXXX/ checkpoints and OUT/final/."""
-    cli_run(SCHEMA, "finetune", DEFAULTS, config, overrides, overwrite,
+    cli_run(SCHEMA, "finetune", config, overrides, overwrite,
             init=init, data=data, out=out, resume=resume, max_steps=max_steps)
 
 

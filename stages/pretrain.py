@@ -1,6 +1,6 @@
-"""`mmar pretrain`: image-expert pretraining of MMAR on token shards (mask ratio 0.7-1).
+"""`mmar pretrain`: pretraining of MMAR on token shards, every task and every mask ratio.
 
-    mmar pretrain                                          # tiny preset on data/shapes/train, CPU-friendly
+    mmar pretrain                                          # the demo's model on data/shapes/train, on a CPU
     mmar pretrain --config configs/pretrain/small.yaml --max-steps 5000
     mmar pretrain --resume auto                            # continue runs/pretrain after a crash
     mmar pretrain trainer.strategy=ddp trainer.devices=8   # several GPUs (one process each)
@@ -16,9 +16,6 @@ from mmar_cli.config import TrainConfig
 from stages.train_common import CONFIG, DATA, MAX_STEPS, OUT, OVERRIDES, OVERWRITE, RESUME, cli_run
 
 SCHEMA = TrainConfig
-# Short enough that `mmar tokenize && mmar pretrain && mmar finetune` finishes on a laptop CPU.
-DEFAULTS = {"out": "runs/pretrain", "model": {"mask_min": 0.7},
-            "trainer": {"max_steps": 200, "batch_size": 32, "ckpt_every": 100, "sample_every": 100}}
 
 
 @handle_errors
@@ -32,7 +29,7 @@ def cli(
     overwrite: bool = OVERWRITE,
 ):
     """Pretrain an MMAR model on token shards; writes OUT/step-XXXXXXXX/ checkpoints and OUT/final/."""
-    cli_run(SCHEMA, "pretrain", DEFAULTS, config, overrides, overwrite,
+    cli_run(SCHEMA, "pretrain", config, overrides, overwrite,
             data=data, out=out, resume=resume, max_steps=max_steps)
 
 

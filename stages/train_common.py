@@ -47,12 +47,11 @@ OVERWRITE = typer.Option(False, "--overwrite", help="reuse an --out directory th
                          "(its checkpoints are deleted)")
 
 
-def cli_run(schema, stage: str, defaults: dict, config: Optional[Path], overrides: Optional[List[str]],
+def cli_run(schema, stage: str, config: Optional[Path], overrides: Optional[List[str]],
             overwrite: bool, **shortcuts) -> Path:
     """Build the config from the command line (shortcut options as overrides) and run."""
     names = {"max_steps": "trainer.max_steps"}
-    cfg = build_config(schema, config, overrides, defaults=defaults,
-                       **{names.get(k, k): v for k, v in shortcuts.items()})
+    cfg = build_config(schema, config, overrides, **{names.get(k, k): v for k, v in shortcuts.items()})
     return run(cfg, stage, overwrite=overwrite)
 
 

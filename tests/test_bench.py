@@ -19,7 +19,9 @@ from mmar_cli.data.sequence import CAPTION, IGNORE, T2I, Layout, build_batch  # 
 from mmar_cli.model.mmar import MMAR  # noqa: E402
 from mmar_cli.tokenizers.text import byte_tokenizer  # noqa: E402
 
-TOY = dict(width=32, depth=2, heads=2, kv_heads=1, mlp_hidden=48, diffusion=dict(width=16, depth=1))
+# linear image embedding and MAR's loss alone: the parts the FLOP formula below counts
+TOY = dict(width=32, depth=2, heads=2, kv_heads=1, mlp_hidden=48, image_proj_kernel=1, mask_min=0.7,
+           diffusion=dict(width=16, depth=1, batch_mul=4, mean_loss=0.0))
 
 
 def test_matmul_peak_is_a_positive_rate():

@@ -1,17 +1,55 @@
-"""The config system: every preset loads and validates; bad keys and values are refused by name."""
+"""The config system: every preset loads with its stage's schema and sets only keys the stage reads;
+bad keys and values are refused by name; each stage has its own defaults."""
 
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig, OmegaConf
 from typer.testing import CliRunner
 
 from mmar_cli.app import app
-from mmar_cli.config import STAGES, TokenizeConfig, TrainConfig, describe_fields, load_config
+from mmar_cli.config import STAGES, FinetuneConfig, TokenizeConfig, TrainConfig, describe_fields, load_config
 from mmar_cli.errors import UserError
+from mmar_cli.model.presets import resolve
+from stages.train_common import TRAINING_MODEL_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
                  if p.parent.name in STAGES)
+
+# Keys a stage accepts but does not read under some configs: (stage, key or key prefix, ignored when, why).
+TOKENIZER_ONLY = [("image_tokenizer.pca_dim", "pca"), ("image_tokenizer.vae_path", "vae"),
+                  ("image_tokenizer.vae_scale", "vae")]
+IGNORED = [("tokenize", "shapes.", lambda c, k: c.input != "builtin", "only the built-in dataset reads it"),
+           ("tokenize", "image_tokenizer.shift_px", lambda c, k: c.image_tokenizer.shifts == 0, "no shifted copies"),
+           ("tokenize", "text_tokenizer.vocab_size", lambda c, k: c.text_tokenizer.kind != "bpe", "read by 'bpe' alone"),
+           ("tokenize", "text_tokenizer.path", lambda c, k: c.text_tokenizer.kind != "file", "read by 'file' alone"),
+           *[("tokenize", key, lambda c, k, kind=kind: c.image_tokenizer.kind != kind, f"read by '{kind}' alone")
+             for key, kind in TOKENIZER_ONLY],
+           ("finetune", "model.", lambda c, k: k.split(".")[1] not in TRAINING_MODEL_KEYS,
+            "the architecture comes from `init`"),
+           *[(stage, "optim.min_lr_ratio", lambda c, k: c.optim.schedule != "cosine", "the cosine schedule's floor")
+             for stage in ("pretrain", "finetune")]]
+
+
+def set_keys(node: DictConfig, prefix: str = "") -> list:
+    """The dotted keys of every value a YAML file sets."""
+    keys = []
+    for key, value in node.items():
+        if isinstance(value, DictConfig):
+            keys += set_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def unread_keys(stage: str, path: Path) -> list:
+    """The keys a preset sets that its stage never reads (loading it refuses unknown keys and bad values)."""
+    cfg = load_config(STAGES[stage], path)
+    if stage in ("pretrain", "finetune"):
+        resolve(cfg.model)  # the sizes fit together
+    return [f"{key}: {why}" for key in set_keys(OmegaConf.load(path))
+            for s, prefix, ignored, why in IGNORED if s == stage and key.startswith(prefix) and ignored(cfg, key)]
 
 
 def test_every_stage_has_presets_including_the_demo_ones():
@@ -24,9 +62,40 @@ def test_every_stage_has_presets_including_the_demo_ones():
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[str(p.relative_to(ROOT)) for p in PRESETS])
-def test_every_preset_loads_and_validates(path):
-    cfg = load_config(STAGES[path.parent.name], path)
-    assert cfg is not None
+def test_every_preset_loads_with_its_stage_schema_and_sets_only_keys_it_reads(path):
+    assert unread_keys(path.parent.name, path) == []
+
+
+def test_a_preset_key_the_stage_never_reads_is_found(tmp_path):
+    preset = tmp_path / "ft.yaml"
+    preset.write_text("model:\n  width: 512\n  mask_min: 0.5\noptim:\n  schedule: constant\n  min_lr_ratio: 0.2\n")
+    assert unread_keys("finetune", preset) == ["model.width: the architecture comes from `init`",
+                                               "optim.min_lr_ratio: the cosine schedule's floor"]
+    preset.write_text("input: photos.jsonl\nshapes:\n  num_train: 10\nimage_tokenizer:\n  kind: patch\n  pca_dim: 8\n")
+    assert unread_keys("tokenize", preset) == ["shapes.num_train: only the built-in dataset reads it",
+                                               "image_tokenizer.pca_dim: read by 'pca' alone"]
+    preset.write_text("model:\n  widht: 512\n")
+    with pytest.raises(UserError, match="model.widht"):
+        unread_keys("pretrain", preset)
+
+
+def test_pretrain_and_finetune_have_their_own_defaults():
+    pre, fine = load_config(TrainConfig), load_config(FinetuneConfig)
+    assert (pre.out, pre.init, fine.out, fine.init) == ("runs/pretrain", None, "runs/finetune", "runs/pretrain/final")
+    assert (pre.tasks.i2t, pre.optim.lr, pre.trainer.max_steps) == (0.35, 2e-3, 3000)
+    assert (fine.tasks.i2t, fine.optim.lr, fine.trainer.max_steps) == (0.6, 1e-3, 1120)
+    assert pre.model == fine.model  # the model keys finetune reads default as in pretraining
+    shown = {key: default for key, default, _ in describe_fields(FinetuneConfig)}
+    assert (shown["tasks.i2t"], shown["optim.lr"], shown["init"]) == ("0.6", "0.001", "'runs/pretrain/final'")
+
+
+def test_the_demo_presets_change_no_default_of_the_model():
+    """`mmar pretrain` with no preset trains the demo's model: its presets only cut the frame to the
+    built-in captions (and train with no loader process)."""
+    default, demo = load_config(TrainConfig), load_config(TrainConfig, ROOT / "configs" / "pretrain" / "demo.yaml")
+    changed = {k for k in set_keys(OmegaConf.create(OmegaConf.to_container(demo)))
+               if OmegaConf.select(demo, k) != OmegaConf.select(default, k)}
+    assert changed == {"model.max_prefix_len", "model.max_suffix_len", "trainer.num_workers"}
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones():

@@ -22,7 +22,7 @@ FAST = ["gen.iterations=2", "gen.diffusion_steps=2"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    data = make_data(root / "data", num_test=12)
+    data = make_data(root / "data", num_test=12, overrides=["image_tokenizer.kind=patch"])  # lossless: PSNR inf
     return data, make_checkpoint(data, root / "run")
 
 
@@ -106,7 +106,8 @@ def test_check_thresholds_min_max_and_unknown_names(tmp_path):
 @pytest.mark.slow
 def test_data_from_other_tokenizers_is_refused(setup, tmp_path):
     _, ckpt = setup
-    other = make_data(tmp_path / "other", num_test=2, overrides=["text_tokenizer.vocab_size=128"])
+    other = make_data(tmp_path / "other", num_test=2, overrides=["image_tokenizer.kind=patch",
+                                                                     "text_tokenizer.vocab_size=128"])
     cfg = load_config(EvaluateConfig, overrides=[f"ckpt={ckpt}", f"data={other / 'test'}", f"out={tmp_path}"])
     with pytest.raises(UserError, match="does not match data.*text tokenizer mismatch"):
         evaluate.run(cfg)

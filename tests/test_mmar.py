@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmar_cli.config import GenerationConfig, ModelConfig
+from mmar_cli.config import DiffusionHeadConfig, GenerationConfig, ModelConfig
 from mmar_cli.data.sequence import CAPTION, IGNORE, QA, T2I, UNCOND, build_batch, encode_prefix
 from mmar_cli.model.mmar import MMAR, cosine_known, iteration_temperature
 from mmar_cli.model.presets import resolve
@@ -27,9 +27,12 @@ S = TOK.specials
 
 
 def make_model(**kw):
+    """A small MMAR; each image token embedded alone and MAR's loss alone, GPT-2's init (the 3x3 embedding,
+    the mean loss and the larger init have tests of their own)."""
     torch.manual_seed(0)
     cfg = dict(preset="tiny", width=64, depth=2, heads=4, kv_heads=2, mlp_hidden=96, vocab_size=TOK.vocab_size,
-               token_dim=3, image_grid=[2, 3], max_prefix_len=8, max_suffix_len=7, tie_embeddings=False)
+               token_dim=3, image_grid=[2, 3], max_prefix_len=8, max_suffix_len=7, tie_embeddings=False,
+               image_proj_kernel=1, embed_init_std=0.02, diffusion=DiffusionHeadConfig(mean_loss=0.0))
     model = MMAR(resolve(ModelConfig(**{**cfg, **kw}))).eval()
     with torch.no_grad():  # the head starts at exactly zero; give it an opinion so guidance matters
         for p in model.head.parameters():
@@ -74,10 +77,8 @@ def test_forward_returns_weighted_losses_per_task_and_trains_every_part(model):
 
 
 def test_mean_loss_regresses_each_masked_token_from_its_condition():
-    from mmar_cli.config import DiffusionHeadConfig
-
     model = make_model(diffusion=DiffusionHeadConfig(mean_loss=0.5)).train()
-    assert make_model().mean_head is None  # off by default: MAR's loss only
+    assert make_model().mean_head is None  # weight 0: MAR's loss only, no read-out
     batch = a_batch(model)
     seen = {}
     real_head = model.mean_head.forward

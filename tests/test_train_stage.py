@@ -112,11 +112,10 @@ def test_ddp_on_two_cpu_processes(shards, tmp_path):
 # Bad input
 # --------------------------------------------------------------------------------------------------
 def run_in_process(*overrides, stage="pretrain", overwrite=False):
-    from mmar_cli.config import TrainConfig, load_config
-    from stages import finetune, pretrain, train_common
+    from mmar_cli.config import STAGES, load_config
+    from stages import train_common
 
-    defaults = {"pretrain": pretrain, "finetune": finetune}[stage].DEFAULTS
-    cfg = load_config(TrainConfig, overrides=[*TINY, *overrides], defaults=defaults)
+    cfg = load_config(STAGES[stage], overrides=[*TINY, *overrides])
     return train_common.run(cfg, stage, overwrite=overwrite)
 
 

@@ -14,6 +14,9 @@ from mmar_cli.errors import UserError
 
 # head_width / head_depth: the diffusion head (MAR uses width 1024, 3 blocks for MAR-B; 1536, 12 for H).
 PRESETS = {
+    # shallow and wide: on a CPU's budget of steps, two blocks learn to use the prompt sooner than more
+    "demo": dict(width=256, depth=2, heads=8, kv_heads=4, mlp_hidden=704, qkv_bias=False,
+                 tie_embeddings=False, rope_theta=1e4, head_width=256, head_depth=3),
     "tiny": dict(width=192, depth=4, heads=4, kv_heads=2, mlp_hidden=512, qkv_bias=False,
                  tie_embeddings=True, rope_theta=1e4, head_width=192, head_depth=2),
     "small": dict(width=512, depth=8, heads=8, kv_heads=2, mlp_hidden=1408, qkv_bias=False,
@@ -29,8 +32,8 @@ PRESETS = {
 }
 
 # Sizes the parameter table assumes when the data has not filled them yet: the default BPE vocabulary
-# (512 + 8 specials) and 8x8 RGB patches of a 32x32 image.
-NOMINAL = dict(vocab_size=520, token_dim=192, image_grid=[4, 4])
+# (512 + 8 specials) and the default tokens of a 32x32 image (8x8 patches, 24 principal components).
+NOMINAL = dict(vocab_size=520, token_dim=24, image_grid=[4, 4])
 
 
 def resolve(model_cfg) -> DictConfig:
