@@ -139,11 +139,8 @@ class ModelConfig:
     embed_init_std: float = opt(0.3, "init std of the text embedding and the image mask/position embeddings "
                                      "(GPT-2 uses 0.02; 0.3 makes them about as large as the projected values "
                                      "of known image tokens)", min=0.0)
-    image_embedder_depth: int = opt(0, "ViT blocks in the image embedder (0: a linear layer)", min=0)
-    image_proj_hidden: int = opt(0, "hidden width of an MLP that embeds image token values (0: one linear "
-                                    "layer)", min=0)
     image_proj_kernel: int = opt(3, "size k of the k x k window of the token grid the image embedding reads "
-                                    "(1: each token alone; 3: its neighbours too)", choices=[1, 3, 5])
+                                    "(1: each token alone, as MAR; 3: its neighbours too)", choices=[1, 3])
     diffusion: DiffusionHeadConfig = opt(factory=DiffusionHeadConfig, help="diffusion head")
     mask_min: float = opt(0.0, "lowest mask ratio of masked image modelling (the MMAR paper pretrains with 0.7 "
                                "and finetunes with 0.0)", min=0.0, max=1.0)
@@ -265,8 +262,6 @@ class GenerationConfig:
                           min=1)
     diffusion_steps: int = opt(10, "diffusion head sampling steps", min=1)
     sampler: str = opt("ddpm", "diffusion sampler", choices=["ddpm", "ddim"])
-    shared_noise: bool = opt(False, "all tokens of an image start from one noise draw (their samples then agree "
-                                    "where their conditions agree, e.g. on one background)")
     precision: str = opt("bf16", "arithmetic of sampling: 'bf16' (autocast: matmuls in bfloat16, what training "
                                  "runs in) or 'fp32'", choices=["bf16", "fp32"])
     max_new_tokens: int = opt(24, "text tokens to generate at most", min=1)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from rich.console import Console
 
 from mmar_cli.config import DiffusionHeadConfig, ModelConfig
@@ -27,8 +28,16 @@ def test_resolve_fills_every_size_from_the_preset_and_keeps_overrides():
     assert cfg.qkv_bias is True and cfg.tie_embeddings is False
     assert cfg.rope_theta == 1e6 and cfg.vocab_size == 152064
     assert (cfg.diffusion.width, cfg.diffusion.depth) == (1536, 12)
-    tiny = resolve(ModelConfig())
-    assert tiny.rope_theta == 1e4 and tiny.vocab_size is None  # vocab comes from the data
+    default = resolve(ModelConfig())
+    assert (default.preset, default.width, default.depth, default.tie_embeddings) == ("demo", 256, 2, False)
+    assert default.rope_theta == 1e4 and default.vocab_size is None  # vocab comes from the data
+
+
+def test_a_checkpoint_config_with_retired_keys_resolves_only_at_the_value_built_today():
+    old = OmegaConf.create({"preset": "tiny", "image_embedder_depth": 0, "image_proj_hidden": 0})
+    assert "image_proj_hidden" not in resolve(old) and resolve(old).width == 192
+    with pytest.raises(UserError, match="model.image_embedder_depth=2: a model this version of mmar no longer"):
+        resolve(OmegaConf.create({"preset": "tiny", "image_embedder_depth": 2}))
 
 
 def test_resolve_rejects_heads_that_do_not_divide():
@@ -50,9 +59,8 @@ def test_qwen2_7b_backbone_count_is_7_6b():
         "backbone"] == 7_615_616_512
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False, qkv_bias=True, image_embedder_depth=2),
-                                dict(image_proj_hidden=48),
-                                dict(diffusion=DiffusionHeadConfig(mean_loss=1.0))])
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False, qkv_bias=True), dict(image_proj_kernel=1),
+                                dict(diffusion=DiffusionHeadConfig(mean_loss=0.0))])
 def test_count_params_matches_the_real_modules(kw):
     cfg = small_cfg(**kw)
     model = MMAR(cfg)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mmar_cli.data.sequence import IGNORE, TASK_NAMES, Layout
 from mmar_cli.model.attention_mask import build_attention_mask
-from mmar_cli.model.backbone import Backbone, RotaryEmbedding, block_from_cfg
+from mmar_cli.model.backbone import Backbone
 from mmar_cli.model.diffusion import GaussianDiffusion, cfg_combine
 from mmar_cli.model.diffusion_head import DiffusionHead
 
@@ -30,51 +30,42 @@ Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
 # --------------------------------------------------------------------------------------------------
 class EmbeddingViT(nn.Module):
     """Image tokens [B, N, D] -> backbone width: values + learned row/column position, masked tokens
-    replaced by a learned mask embedding, then `depth` bidirectional blocks (0: just the linear map).
+    replaced by a learned mask embedding.
 
-    The values go through a linear map (`image_proj_hidden` > 0: an MLP) of each token, or with
-    `image_proj_kernel` k > 1 through a k x k convolution over the token grid, so a position also sees its
-    neighbours: a shape split over patches is then visible at one position, and a masked position reads
-    the known tokens around it (their values are zeroed where masked, and a channel says which are known).
+    The values go through a linear map of each token, or with `image_proj_kernel` k > 1 through a k x k
+    convolution over the token grid, so a position also sees its neighbours: a shape split over patches is
+    then visible at one position, and a masked position reads the known tokens around it (their values are
+    zeroed where masked, and a channel says which are known).
     """
 
     def __init__(self, cfg):
         super().__init__()
         self.grid = tuple(cfg.image_grid)
-        hidden, self.kernel = cfg.image_proj_hidden, cfg.image_proj_kernel
+        self.kernel = cfg.image_proj_kernel
         if self.kernel > 1:  # each position also reads its known neighbours' values (and which are known)
-            out = hidden or cfg.width
-            self.proj = nn.Conv2d(cfg.token_dim + 1, out, self.kernel, padding=self.kernel // 2)
+            self.proj = nn.Conv2d(cfg.token_dim + 1, cfg.width, self.kernel, padding=self.kernel // 2)
         else:
-            self.proj = nn.Linear(cfg.token_dim, hidden or cfg.width)
-        self.proj_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, cfg.width)) if hidden else nn.Identity()
+            self.proj = nn.Linear(cfg.token_dim, cfg.width)
         # what the backbone reads at masked positions: at GPT-2's 0.02 these are far smaller than the
         # projected values of known tokens (model.embed_init_std)
         std = cfg.embed_init_std
         self.row_embed = nn.Parameter(torch.randn(self.grid[0], cfg.width) * std)
         self.col_embed = nn.Parameter(torch.randn(self.grid[1], cfg.width) * std)
         self.mask_embed = nn.Parameter(torch.randn(cfg.width) * std)
-        self.blocks = nn.ModuleList(block_from_cfg(cfg) for _ in range(cfg.image_embedder_depth))
-        self.rotary = RotaryEmbedding(cfg.width // cfg.heads, cfg.rope_theta)
 
     def forward(self, tokens: torch.Tensor, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.kernel > 1:  # masked values are zeroed first: nothing of them leaks to a neighbour
             known = torch.ones_like(tokens[..., :1]) if masked is None else (~masked)[..., None].to(tokens.dtype)
             grid = torch.cat([tokens * known, known], -1).transpose(1, 2).unflatten(2, self.grid)
-            x = self.proj_out(self.proj(grid).flatten(2).transpose(1, 2))
+            x = self.proj(grid).flatten(2).transpose(1, 2)
             if masked is not None:
                 x = x + masked[..., None] * self.mask_embed.to(x.dtype)
         else:
-            x = self.proj_out(self.proj(tokens))
+            x = self.proj(tokens)
             if masked is not None:
                 x = torch.where(masked[..., None], self.mask_embed.to(x.dtype), x)
         pos = (self.row_embed[:, None] + self.col_embed[None, :]).reshape(-1, x.shape[-1])
-        x = x + pos.to(x.dtype)
-        if self.blocks:
-            cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device))
-            for block in self.blocks:  # no mask: bidirectional over the image
-                x = block(x, cos[None], sin[None], None)
-        return x
+        return x + pos.to(x.dtype)
 
 
 class VisProjector(nn.Module):
@@ -176,14 +167,14 @@ class MMAR(nn.Module):
         self.vis_proj = VisProjector(cfg.width, cfg.diffusion.width)
         self.head = DiffusionHead(cfg.token_dim, cfg.diffusion.width, cfg.diffusion.width, cfg.diffusion.depth)
         # the conditional mean of a masked token, read linearly off its condition (auxiliary loss only)
-        self.mean_head = nn.Linear(cfg.diffusion.width, cfg.token_dim) if cfg.diffusion.get("mean_loss") else None
+        self.mean_head = nn.Linear(cfg.diffusion.width, cfg.token_dim) if cfg.diffusion.mean_loss else None
         self.diffusion = GaussianDiffusion(cfg.diffusion.num_train_timesteps, cfg.diffusion.schedule,
                                            cfg.diffusion.prediction)
         self.w_img, self.w_txt = 1.0, 1.0
         self._init_backbone()
 
     def _init_backbone(self):
-        for m in list(self.backbone.modules()) + list(self.image_embed.blocks.modules()):
+        for m in self.backbone.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
                 if m.bias is not None:
@@ -349,17 +340,6 @@ class MMAR(nn.Module):
 
         orders = torch.stack([torch.randperm(N, generator=g, device=_device(g, dev)).to(dev)
                               for g in gens])
-        shared = getattr(gen, "shared_noise", False)
-        start = _randn_rows(gens, (1, D), dev) if shared else None  # [B, 1, D]: one start per image
-
-        def noise(m: int):
-            """The sampler's noise for m tokens: independent per token, or the image's shared start
-            followed by fresh draws shared by the m tokens."""
-            if not shared:
-                return lambda: _randn_rows(gens, (m, D), dev)
-            pending = [start]
-            return lambda: (pending.pop() if pending else _randn_rows(gens, (1, D), dev)).expand(-1, m, -1)
-
         tokens = torch.zeros(B, N, D, device=dev)
         known = torch.zeros(B, N, dtype=torch.bool, device=dev)
         n_known = 0
@@ -382,8 +362,10 @@ class MMAR(nn.Module):
                 pred = self.head.denoise(x_in, c).float().view(R, m, D)
                 return cfg_combine(pred[:B], pred[B:], scale) if guided else pred
 
-            values = self.diffusion.sample(denoise, noise(idx.shape[1]), gen.diffusion_steps, gen.sampler,
-                                           iteration_temperature(gen, step, iterations), self.cfg.get("token_bound"))
+            shape = (idx.shape[1], D)  # each row's noise from its own generator
+            values = self.diffusion.sample(denoise, lambda: _randn_rows(gens, shape, dev), gen.diffusion_steps,
+                                           gen.sampler, iteration_temperature(gen, step, iterations),
+                                           self.cfg.token_bound)
             tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, D), values.to(tokens.dtype))
             known = known.scatter(1, idx, True)
             n_known = n_next

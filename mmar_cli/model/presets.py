@@ -36,8 +36,19 @@ PRESETS = {
 NOMINAL = dict(vocab_size=520, token_dim=24, image_grid=[4, 4])
 
 
+# Model keys of earlier versions, and the value that builds the model of today (checkpoints hold them).
+RETIRED = {"image_embedder_depth": 0, "image_proj_hidden": 0}
+
+
 def resolve(model_cfg) -> DictConfig:
     """A copy of `model_cfg` (DictConfig or ModelConfig) with every None size taken from its preset."""
+    if isinstance(model_cfg, DictConfig) and any(key in model_cfg for key in RETIRED):
+        model_cfg = model_cfg.copy()
+        for key, value in RETIRED.items():
+            if model_cfg.get(key, value) != value:
+                raise UserError(f"model.{key}={model_cfg[key]}: a model this version of mmar no longer builds "
+                                f"(only {key}={value} is supported)")
+            model_cfg.pop(key, None)
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_cfg)
     if cfg.preset not in PRESETS:
         raise UserError(f"config key 'model.preset': unknown preset '{cfg.preset}'; "
@@ -75,13 +86,12 @@ def count_params(cfg) -> dict:
     h, w = cfg.image_grid
     hw, hd = cfg.diffusion.width, cfg.diffusion.depth
     backbone = V * W * (1 if cfg.tie_embeddings else 2) + cfg.depth * block_params(cfg) + W
-    # EmbeddingViT (linear or MLP in, row + column positions, mask embedding, optional blocks) + VisProjector
-    ph, k = cfg.image_proj_hidden, cfg.image_proj_kernel
+    # EmbeddingViT (linear map or k x k convolution, row + column positions, mask embedding) + VisProjector
+    k = cfg.image_proj_kernel
     d_in = D if k == 1 else (D + 1) * k * k  # a k x k convolution also reads a 'known' channel
-    image = (d_in * (ph or W) + (ph or W)) + ((ph * W + W) if ph else 0) + (h + w) * W + W
-    image += cfg.image_embedder_depth * block_params(cfg)
+    image = (d_in * W + W) + (h + w) * W + W
     image += (W * hw + hw) + (hw * hw + hw)
-    if cfg.diffusion.get("mean_loss"):
+    if cfg.diffusion.mean_loss:
         image += hw * D + D  # the auxiliary mean read-out of the condition
     head = ((D * hw + hw) + (256 * hw + hw) + (hw * hw + hw) + (hw * hw + hw)  # in, time MLP, cond
             + hd * (2 * (hw * hw + hw) + (hw * 3 * hw + 3 * hw))  # residual AdaLN blocks
