@@ -333,15 +333,29 @@ def _friendly(err: OmegaConfBaseException, cfg: DictConfig) -> str:
     return f"config key '{key}': {msg}" if key else f"config: {msg}"
 
 
+def load_preset(path: str | Path, _seen: tuple = ()) -> DictConfig:
+    """The keys a YAML preset sets. A preset may start from another: `base: demo.yaml` (a path relative to
+    the preset's directory) is loaded first and the preset's own keys override it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    if p.resolve() in _seen:
+        raise UserError(f"{p}: `base` leads back to itself")
+    preset = OmegaConf.load(p)
+    if not isinstance(preset, DictConfig):
+        raise UserError(f"{p}: a preset is a mapping of config keys")
+    base = preset.pop("base", None)
+    if base is None:
+        return preset
+    return OmegaConf.merge(load_preset(p.parent / str(base), (*_seen, p.resolve())), preset)
+
+
 def load_config(schema: type, path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> DictConfig:
-    """schema defaults <- YAML at `path` <- `overrides` (key=value)."""
+    """schema defaults <- YAML preset at `path` (and its `base`) <- `overrides` (key=value)."""
     cfg = OmegaConf.structured(schema)
     try:
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise UserError(f"config file not found: {p}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+            cfg = OmegaConf.merge(cfg, load_preset(path))
         for item in overrides or []:
             if "=" not in item:
                 raise UserError(f"override '{item}' is not key=value (e.g. trainer.max_steps=100)")

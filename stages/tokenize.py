@@ -41,7 +41,7 @@ from rich.console import Console
 
 from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, command_line,
                                  handle_errors, single_command_app)
-from mmar_cli.config import TokenizeConfig
+from mmar_cli.config import TokenizeConfig, load_preset, to_container
 from mmar_cli.data import shards, sources
 from mmar_cli.errors import UserError
 from mmar_cli.metrics.judges import JUDGE_CACHE
@@ -339,9 +339,8 @@ def _prepare_parent(directory: Path, overwrite: bool) -> None:
 
 
 def _explicit_keys(config: Optional[Path], overrides: Optional[List[str]]) -> set:
-    """The dotted keys a YAML preset or a key=value override sets (even to their default value)."""
-    from omegaconf import OmegaConf
-
+    """The dotted keys a YAML preset (with its `base`) or a key=value override sets (even to their default
+    value)."""
     keys = {item.split("=", 1)[0].strip().lstrip("+~") for item in overrides or [] if "=" in item}
 
     def walk(node, prefix=""):
@@ -350,10 +349,8 @@ def _explicit_keys(config: Optional[Path], overrides: Optional[List[str]]) -> se
             if isinstance(v, dict):
                 walk(v, f"{prefix}{k}.")
 
-    if config is not None and Path(config).is_file():
-        loaded = OmegaConf.to_container(OmegaConf.load(config))
-        if isinstance(loaded, dict):
-            walk(loaded)
+    if config is not None:
+        walk(to_container(load_preset(config)))
     return keys
 
 

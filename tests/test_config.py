@@ -8,7 +8,8 @@ from omegaconf import DictConfig, OmegaConf
 from typer.testing import CliRunner
 
 from mmar_cli.app import app
-from mmar_cli.config import STAGES, FinetuneConfig, TokenizeConfig, TrainConfig, describe_fields, load_config
+from mmar_cli.config import (STAGES, FinetuneConfig, TokenizeConfig, TrainConfig, describe_fields, load_config,
+                              load_preset)
 from mmar_cli.errors import UserError
 from mmar_cli.model.presets import resolve
 from stages.train_common import TRAINING_MODEL_KEYS
@@ -48,7 +49,7 @@ def unread_keys(stage: str, path: Path) -> list:
     cfg = load_config(STAGES[stage], path)
     if stage in ("pretrain", "finetune"):
         resolve(cfg.model)  # the sizes fit together
-    return [f"{key}: {why}" for key in set_keys(OmegaConf.load(path))
+    return [f"{key}: {why}" for key in set_keys(load_preset(path))
             for s, prefix, ignored, why in IGNORED if s == stage and key.startswith(prefix) and ignored(cfg, key)]
 
 
@@ -89,13 +90,28 @@ def test_pretrain_and_finetune_have_their_own_defaults():
     assert (shown["tasks.i2t"], shown["optim.lr"], shown["init"]) == ("0.6", "0.001", "'runs/pretrain/final'")
 
 
+def changed_keys(a: DictConfig, b: DictConfig) -> set:
+    return {k for k in set_keys(b) if OmegaConf.select(a, k) != OmegaConf.select(b, k)}
+
+
 def test_the_demo_presets_change_no_default_of_the_model():
     """`mmar pretrain` with no preset trains the demo's model: its presets only cut the frame to the
     built-in captions (and train with no loader process)."""
     default, demo = load_config(TrainConfig), load_config(TrainConfig, ROOT / "configs" / "pretrain" / "demo.yaml")
-    changed = {k for k in set_keys(OmegaConf.create(OmegaConf.to_container(demo)))
-               if OmegaConf.select(demo, k) != OmegaConf.select(default, k)}
-    assert changed == {"model.max_prefix_len", "model.max_suffix_len", "trainer.num_workers"}
+    assert changed_keys(default, demo) == {"model.max_prefix_len", "model.max_suffix_len", "trainer.num_workers"}
+
+
+def test_a_preset_starts_from_its_base_and_overrides_it(tmp_path):
+    demo, short = (load_config(TrainConfig, ROOT / "configs" / "pretrain" / f"{name}.yaml") for name in ("demo", "eval"))
+    assert changed_keys(demo, short) == {"model.diffusion.batch_mul", "trainer.max_steps", "trainer.ckpt_every"}
+    assert (short.model.max_prefix_len, short.trainer.num_workers, short.trainer.max_steps) == (12, 0, 800)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrainer:\n  max_steps: 5\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(UserError, match="leads back to itself"):
+        load_config(TrainConfig, tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(UserError, match="gone.yaml"):
+        load_config(TrainConfig, tmp_path / "a.yaml")
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones():
