@@ -42,7 +42,10 @@ class ImageTokenizerConfig:
                                   "(config.json + weights); never downloaded")
     vae_scale: Optional[float] = opt(None, "'vae': latent scale factor; None = measured on the data so "
                                      "latents have unit std (LDM KL-16 uses 0.2325)")
-    flip: bool = opt(False, "also store the tokens of the horizontally flipped image (MAR's cache)")
+    flip: bool = opt(False, "training split: also store the tokens of the horizontally mirrored image; training "
+                            "reads the mirrored or the original tokens at random, per sample and epoch, for every "
+                            "task. A caption's 'left' or 'right' then names the wrong side half the time (tokenize "
+                            "warns when captions have them)")
     shifts: int = opt(0, "training split: also store the tokens of this many copies of each image moved by up "
                          "to `shift_px` pixels each way (edges repeated); image -> text training reads the image or "
                          "one of its copies at random, per sample and epoch: an augmentation for a small dataset",

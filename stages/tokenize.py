@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -39,7 +40,7 @@ import torch
 import typer
 from rich.console import Console
 
-from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, command_line,
+from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console,
                                  handle_errors, single_command_app)
 from mmar_cli.config import TokenizeConfig, load_preset, to_container
 from mmar_cli.data import shards, sources
@@ -52,6 +53,7 @@ from mmar_cli.tokenizers.text import TEXT_TOKENIZER_FILE, build_text_tokenizer
 SCHEMA = TokenizeConfig
 FIT_IMAGES = 512  # training images that fit the pca basis / measure the vae scale
 ENCODE_BATCH = 64
+SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)  # what a mirrored image contradicts
 OUR_FILES = ("*.tar", "*.tar.tmp", shards.MANIFEST, shards.SIZES, f"{shards.MANIFEST}.tmp", f"{shards.SIZES}.tmp",
              TEXT_TOKENIZER_FILE, IMAGE_TOKENIZER_FILE, JUDGE_CACHE)  # what --overwrite may delete
 
@@ -89,10 +91,10 @@ def shifted_copies(images: np.ndarray, keys: List[str], copies: int, max_px: int
 
 def tokenize_chunk(job: dict, progress=None) -> dict:
     """Load, encode and write the records of one chunk, streaming in batches of ENCODE_BATCH. Returns
-    the shard entry (None when every record was bad), the skipped inputs and the chunk's texts (they
-    train the BPE)."""
+    the shard entry (None when every record was bad), the skipped inputs, the chunk's texts (they train
+    the BPE) and, with mirrored tokens, how many captions name a side."""
     tokenizer = _image_tokenizer(job["dir"], job["image_spec"])
-    skipped, texts = [], []
+    skipped, texts, sided = [], [], 0
 
     def encode(batch):
         images = np.stack([s["image"] for _, s in batch])
@@ -103,8 +105,10 @@ def tokenize_chunk(job: dict, progress=None) -> dict:
             moved = shifted_copies(images, [record.key for record, _ in batch], job["shifts"], job["shift_px"])
             views = tokenizer.encode(moved.reshape(-1, *images.shape[1:])).numpy()
             views = views.reshape(len(batch), job["shifts"], *views.shape[1:])
+        nonlocal sided
         for (record, s), tok, flip, view in zip(batch, tokens, flips, views):
             texts.extend(t for t in (s["caption"], s["meta"]["question"], s["meta"]["answer"]) if t)
+            sided += flip is not None and SIDE_WORDS.search(s["caption"]) is not None
             yield shards.encode_sample(record.key, tok, s["caption"], s["meta"], flip, view)
 
     def samples():
@@ -128,7 +132,7 @@ def tokenize_chunk(job: dict, progress=None) -> dict:
     if shard["samples"] == 0:
         Path(job["path"]).unlink()
         shard = None
-    return {"shard": shard, "skipped": skipped, "texts": texts}
+    return {"shard": shard, "skipped": skipped, "texts": texts, "sided": sided}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,15 +414,16 @@ def run(cfg, set_keys=()) -> List[dict]:
                                           if cfg.image_tokenizer.kind != "patch" else None)
         text_tok, settings = None, _settings(cfg)
     done, summaries = [], []
-    # shifted copies only where training reads them
+    # shifted copies and mirrored tokens only where training reads them
     shifts = {split: cfg.image_tokenizer.shifts if split in ("train", None) else 0 for split in splits}
+    flips = {split: cfg.image_tokenizer.flip and split in ("train", None) for split in splits}
     for split, (records, skipped) in splits.items():
         start, directory = time.time(), dirs[split]
         image_tok.save(directory)
         image_spec, name = image_tok.spec(), split or "shard"
         jobs = [{"records": records[i:i + cfg.shard_size], "path": str(directory / shards.shard_name(name, k)),
                  "dir": str(directory), "image_spec": image_spec, "image_size": cfg.image_size,
-                 "flip": cfg.image_tokenizer.flip, "strict": cfg.strict,
+                 "flip": flips[split], "strict": cfg.strict,
                  "shifts": shifts[split], "shift_px": cfg.image_tokenizer.shift_px}
                 for k, i in enumerate(range(0, len(records), cfg.shard_size))]
         results = _run_chunks(jobs, cfg.workers, len(records), f"tokenize {split or cfg.input}")
@@ -426,6 +431,11 @@ def run(cfg, set_keys=()) -> List[dict]:
         written = [r["shard"] for r in results if r["shard"] is not None]
         if not written:
             raise _no_usable_samples(cfg.input, split, skipped)
+        sided = sum(r["sided"] for r in results)
+        if sided:
+            console.print(f"[yellow]warning:[/yellow] image_tokenizer.flip: {sided} of {len(records)} captions in "
+                          f"{directory} say 'left' or 'right'; training reads their mirrored image half the time, "
+                          "and those words then name the wrong side", highlight=False, soft_wrap=True)
         if text_tok is None:  # fitted on the training split's texts only, then reused as is
             assert split == train
             text_tok = build_text_tokenizer(cfg.text_tokenizer, (t for r in results for t in r["texts"]))
@@ -444,7 +454,7 @@ def run(cfg, set_keys=()) -> List[dict]:
                               "rule": SPLIT_RULE}
         elif split is not None:
             extra["split"] = {"name": split, "counts": counts, "rule": "built-in: shapes.num_train/num_val/num_test"}
-        manifest = shards.build_manifest(written, text_tok, image_tok, source, skipped, cfg.image_tokenizer.flip,
+        manifest = shards.build_manifest(written, text_tok, image_tok, source, skipped, flips[split],
                                          command_line(), extra, views=shifts[split])
         shards.write_manifest(dirs[split], manifest)
         summaries.append({"dir": str(dirs[split]), "samples": manifest["samples"], "shards": len(written),

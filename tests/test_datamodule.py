@@ -25,8 +25,10 @@ from mmar_cli.tokenizers.text import byte_tokenizer
 COLOURS = ["red", "green", "blue", "yellow"]
 
 
-def make_shards(directory, num_shards=2, per_shard=16, seed=0, long_every=0, patch=4, source="test", views=0):
-    """A complete shard directory; every `long_every`-th caption is too long for a 24-token suffix."""
+def make_shards(directory, num_shards=2, per_shard=16, seed=0, long_every=0, patch=4, source="test", views=0,
+                flip=False):
+    """A complete shard directory; every `long_every`-th caption is too long for a 24-token suffix. The
+    mirrored tokens (`flip`) and shifted copies (`views`) are told apart from the image's by their values."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tok, image_tok = byte_tokenizer(), PatchTokenizer(8, patch)
@@ -45,10 +47,11 @@ def make_shards(directory, num_shards=2, per_shard=16, seed=0, long_every=0, pat
             if long_every and n % long_every == 0:
                 caption = "a very long caption that will not fit the layout " * 2
             meta = {"source": source, "question": "what colour?", "answer": colour} if n % 2 else {"source": source}
-            copies = np.stack([tokens + k + 1 for k in range(views)]) if views else None  # told apart by value
-            samples.append(shard_io.encode_sample(f"s{n:05d}", tokens, caption, meta, views=copies))
+            copies = np.stack([tokens + k + 1 for k in range(views)]) if views else None
+            mirrored = tokens - 10 if flip else None
+            samples.append(shard_io.encode_sample(f"s{n:05d}", tokens, caption, meta, mirrored, copies))
         written.append(shard_io.write_shard(directory / shard_io.shard_name("train", s), samples))
-    manifest = shard_io.build_manifest(written, tok, image_tok, {"input": source}, [], False, "test")
+    manifest = shard_io.build_manifest(written, tok, image_tok, {"input": source}, [], flip, "test")
     shard_io.save_tokenizers(directory, tok, image_tok)
     shard_io.write_manifest(directory, manifest)
     return directory
@@ -219,3 +222,17 @@ def test_understanding_rows_read_the_image_or_one_shifted_copy_and_generation_ro
             seen["understanding" if task in (CAPTION, QA) else "generation"][round(offset)] += 1
     assert seen["generation"][1:] == [0, 0] and seen["generation"][0] > 40
     assert min(seen["understanding"]) >= 10, seen
+
+
+def test_every_task_reads_the_mirrored_image_or_the_image_at_random(tmp_path):
+    directory = make_shards(tmp_path / "d", flip=True)
+    originals = {s["key"]: torch.from_numpy(s["tokens"].astype(np.float32)) for s in shard_io.iterate_samples(directory)}
+    seen = {"understanding": [0, 0], "generation": [0, 0]}  # rows read as the image, as its mirror
+    for batch in take(stream(directory, batch_size=8), 20):
+        for key, tokens, task in zip(batch["keys"], batch["image_tokens"], batch["task"].tolist()):
+            offset = (tokens - originals[key]).abs().max()  # 0, or 10 within float16 round-off
+            mirrored = bool(offset > 5)
+            assert float(offset) < 0.01 or abs(float(offset) - 10) < 0.01, offset
+            seen["understanding" if task in (CAPTION, QA) else "generation"][mirrored] += 1
+    for rows in seen.values():  # about half of each
+        assert min(rows) >= 0.3 * sum(rows), seen

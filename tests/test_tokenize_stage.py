@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,18 +78,23 @@ def test_no_arguments_writes_train_val_test_with_shared_tokenizers(tmp_path, mon
     assert len(text_tok.encode("a large red circle")) == 4
 
 
-def test_pca_state_is_saved_once_and_shared_by_every_split(tmp_path):
-    ok("--out", tmp_path / "o", *SMALL, "image_tokenizer.kind=pca", "image_tokenizer.pca_dim=16", "image_tokenizer.flip=true")
+def test_pca_state_is_saved_once_and_shared_by_every_split_and_mirrored_tokens_only_in_training(tmp_path):
+    output = ok("--out", tmp_path / "o", *SMALL, "image_tokenizer.kind=pca", "image_tokenizer.pca_dim=16",
+                "image_tokenizer.flip=true")
     hashes = set()
     for split in ("train", "val", "test"):
         m = shards.read_manifest(tmp_path / "o" / split)
-        assert m["tokens"] == {"shape": [16, 16], "dtype": "float16", "flip": True, "views": 0}
+        assert m["tokens"] == {"shape": [16, 16], "dtype": "float16", "flip": split == "train", "views": 0}
         assert (tmp_path / "o" / split / "image_tokenizer.safetensors").is_file()
         hashes.add(m["image_tokenizer"]["hash"])
     assert len(hashes) == 1
+    train = decoded(tmp_path / "o" / "train")
+    assert all(s["flip"].shape == (16, 16) and not np.array_equal(s["flip"], s["tokens"]) for s in train)
+    sided = sum(re.search(r"\b(left|right)\b", make_sample("train", i)["caption"]) is not None for i in range(30))
+    assert 0 < sided < 30 and f"warning: image_tokenizer.flip: {sided} of 30 captions" in " ".join(output.split())
     _, image_tok = shards.load_tokenizers(tmp_path / "o" / "test")
     s = decoded(tmp_path / "o" / "test")[0]
-    assert s["flip"].shape == (16, 16)
+    assert s["flip"] is None
     truth = make_sample("test", 0)["image"]
     assert np.abs(image_tok.decode(s["tokens"][None])[0].astype(int) - truth).mean() < 20
 
@@ -205,9 +211,11 @@ def test_jsonl_paths_are_relative_to_its_folder(tmp_path):
             {"image": "imgs/missing.png", "caption": "gone"}]
     lines = [json.dumps(r) for r in rows] + ["{not json"]
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    ok("--input", tmp_path / "pairs.jsonl", "--out", tmp_path / "out")
+    output = ok("--input", tmp_path / "pairs.jsonl", "--out", tmp_path / "out", "image_tokenizer.flip=true")
+    assert "warning" not in output  # no caption says left or right
     m = shards.read_manifest(tmp_path / "out")
     assert m["samples"] == 1 and m["source"]["format"] == "jsonl" and m["skipped"]["count"] == 3
+    assert m["tokens"]["flip"] is True
     reasons = " | ".join(m["skipped"]["reasons"].values())
     assert "missing caption" in reasons and "image file not found" in reasons and "not a JSON object" in reasons
     s = decoded(tmp_path / "out")[0]
@@ -298,7 +306,6 @@ def test_help_lists_every_option_and_key():
     for key in ("image_tokenizer.kind", "image_tokenizer.pca_dim", "text_tokenizer.vocab_size",
                 "shapes.num_train", "shard_size", "val_fraction", "test_fraction", "split_seed", "tokenizer_from"):
         assert key in result.output
-
 
 PRESETS = sorted((Path(__file__).parents[1] / "configs" / "tokenize").glob("*.yaml"))
 

@@ -6,8 +6,10 @@
       -> samples (corrupt tars and samples are skipped and counted) -> decode; shards of a dataset of at
          most CACHE_MB on disk are read and decoded once per worker and replayed from memory after
       -> a task for each sample (text->image, caption, question->answer, unconditional), drawn from
-         TaskMixConfig; samples whose text does not fit the layout are skipped and counted; an image ->
-         text sample with shifted copies (tokenize's image_tokenizer.shifts) reads the image or one copy
+         TaskMixConfig; samples whose text does not fit the layout are skipped and counted; a sample with
+         mirrored tokens (tokenize's image_tokenizer.flip) reads them or the image's at random, for any
+         task; an image -> text sample with shifted copies (image_tokenizer.shifts) reads the image or
+         one copy
       -> a shuffle buffer -> batches collated by `sequence.build_batch`
 
 The stream is infinite (epoch after epoch) and a pure function of (seed, rank, worker), so a resumed run
@@ -144,6 +146,9 @@ class TokenBatches(IterableDataset):
                 sample = dict(item)
                 task, text, answer = assign_task(rng, sample, self.mix)
                 views = sample.get("views")
+                if sample.get("flip") is not None and rng.random() < 0.5:
+                    # the mirrored image, as MAR's augmentation (its shifted copies are of the image as is)
+                    sample["tokens"], views = sample["flip"], None
                 if task in (CAPTION, QA) and views is not None and len(views):
                     # understanding reads the image or one of its shifted copies; generation keeps learning
                     # the images as they are
@@ -192,11 +197,13 @@ class TokenBatches(IterableDataset):
         """A decoded sample, or the error that makes it unusable."""
         try:
             sample = self.decode(raw)
-            tokens = sample["tokens"]
+            tokens, flip = sample["tokens"], sample.get("flip")
             if tokens is None or tokens.ndim != 2 or tokens.shape[0] != self.layout.num_image_tokens:
                 raise ValueError(f"sample {sample['key']}: image tokens "
                                  f"{None if tokens is None else tokens.shape}, expected "
                                  f"{self.layout.num_image_tokens} rows")
+            if flip is not None and flip.shape != tokens.shape:
+                raise ValueError(f"sample {sample['key']}: mirrored tokens {flip.shape}, image tokens {tokens.shape}")
             return sample
         except Exception as exn:  # a corrupt sample: any decoding error
             return exn
