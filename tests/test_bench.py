@@ -88,7 +88,6 @@ def test_quick_run_writes_every_section(tmp_path):
     for section in ("## Machine", "## Targets", "## Training", "## Scaling", "## Data pipeline", "## Sampling",
                     "## How the figures are computed"):
         assert section in text
-    assert "--quick" in text and "thread(s)" in text and "load average" in text and "FLOPs per step" in text
     # 2 peak fractions, speed, accuracy, 2 data waits; each ✓, ✗ or – (no signal)
     targets = [line for line in text.split("## Targets")[1].split("## ")[0].splitlines() if line.startswith("- ")]
     assert len(targets) == 6 and all(line[2] in "✓✗–" for line in targets), targets
@@ -108,9 +107,9 @@ def test_quick_run_writes_every_section(tmp_path):
     assert [r["length"] for r in res["scaling"]["frame"]] == [66, 130, 258]
     assert [r["workers"] for r in res["data"]] == [0, 1] and all(0 <= r["wait_frac"] < 1 for r in res["data"])
     assert all(0 < r[k] < 1 for r in res["data"] for k in ("wait_frac_first_epoch", "wait_frac_later"))
-    assert s["trained_here"] and "undertrained" in text
+    assert s["trained_here"]  # no --ckpt: a checkpoint trained on the spot
     assert 0 <= s["default"]["accuracy"] <= 100 and s["cache"]["max_diff"] < 1e-4 and s["text"]["same"]
-    assert (s["default"]["candidates"], s["demo"]["candidates"]) == (1, 4) and "best of 4" in text
+    assert (s["default"]["candidates"], s["demo"]["candidates"]) == (1, 4)
 
 
 def test_a_missing_checkpoint_is_refused_before_anything_is_measured(tmp_path, monkeypatch):

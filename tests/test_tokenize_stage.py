@@ -3,7 +3,6 @@
 import io
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from typer.testing import CliRunner
 
 from mmar_cli.app import app
 from mmar_cli.cli_common import command_line
-from mmar_cli.config import TokenizeConfig, load_config
 from mmar_cli.data import shards
 from mmar_cli.data.shapes import make_sample
 
@@ -306,12 +304,3 @@ def test_help_lists_every_option_and_key():
     for key in ("image_tokenizer.kind", "image_tokenizer.pca_dim", "text_tokenizer.vocab_size",
                 "shapes.num_train", "shard_size", "val_fraction", "test_fraction", "split_seed", "tokenizer_from"):
         assert key in result.output
-
-PRESETS = sorted((Path(__file__).parents[1] / "configs" / "tokenize").glob("*.yaml"))
-
-
-def test_presets_load_and_validate():
-    assert len(PRESETS) >= 3
-    for preset in PRESETS:
-        cfg = load_config(TokenizeConfig, preset)
-        assert cfg.image_tokenizer.kind in ("patch", "pca", "vae"), preset
