@@ -233,8 +233,8 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """`mmar finetune`: from a pretrained checkpoint, more image -> text (the caption's last words are the
-    last thing learnt) and a lower learning rate. The architecture comes from `init`."""
+    """`mmar finetune`: from a pretrained checkpoint, with more image -> text and a lower learning rate. The
+    architecture comes from `init`."""
     out: str = opt("runs/finetune", "run directory: step-XXXXXXXX/ and final/ are written here")
     init: Optional[str] = opt("runs/pretrain/final", "checkpoint directory whose weights and architecture start "
                               "this run; of `model`, only the training keys (mask_min, mask_std, known_noise, "

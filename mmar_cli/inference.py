@@ -1,7 +1,7 @@
 """A trained model at work: load a checkpoint, then text -> image and image -> text in batches.
 
 Shared by `mmar sample`, `mmar evaluate` and the training previews. Prompts are built only through
-`data.sequence.encode_prefix`, so a prompt sits at the positions it had in training (DESIGN §9).
+`data.sequence.encode_prefix`, so a prompt sits at the positions it had in training.
 
 Every image (and every sampled caption) draws from its own generator seeded by (seed, row index), so
 a given image is the same whatever the batch size, and the same on CPU and GPU up to float round-off.

@@ -11,8 +11,8 @@ P + 1 + N + 1 + S (P = model.max_prefix_len, N = image tokens, S = model.max_suf
     question->answer  prefix = BOS question ANS        suffix = answer EOS     image: clean, text loss
 
 Positions are the frame's indices, so an image token sits at the same position in training and in
-sampling, and a prompt's last token is always right before BOI, however long the prompt is (DESIGN §9:
-positions at sampling must equal positions in training). The suffix is all padding for generation rows,
+sampling, and a prompt's last token is always right before BOI, however long the prompt is: a model
+sampled at positions it was not trained at draws noise. The suffix is all padding for generation rows,
 and nothing before the suffix attends to it, so generation can drop it (`Layout.gen_len`).
 """
 

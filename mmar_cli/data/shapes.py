@@ -5,7 +5,7 @@ and one of nine grid positions (plus a little jitter), on a plain background. Be
 known, captions and answers are exact and a generated image can be judged (see `checker.py`).
 
 Sizes are chosen so every attribute stays readable at 32x32: a 7 px circle and square rasterise almost
-alike (DESIGN §9), so the small shapes are 9 px and the large ones 13 px, scaled with the image.
+alike, so the small shapes are 9 px and the large ones 13 px, scaled with the image.
 
 Splits never share an image: a sample's split is a hash of the parameters that fully determine its pixels
 (background and each shape's kind, colour, pixel size and pixel position), so the same picture always
