@@ -5,7 +5,8 @@
                                      configs/eval/thresholds.yaml (runs/eval/)
 
 Each stage is run as the same `mmar` command a user would type, with the presets in configs/*/demo.yaml
-(or eval.yaml), so the printed commands can be copied and re-run one by one.
+(or eval.yaml), so the printed commands can be copied and re-run one by one. `make demo` ends by writing
+its figures into its section of docs/RESULTS.md (the section of the run before is replaced).
 """
 
 from __future__ import annotations
@@ -22,8 +23,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mmar_cli.results import TABLE_HEAD, record_section, target_rows
+
 console = Console()
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "RESULTS.md"
+SECTION = "make demo"
+# metric, what it says, target (minimum)
+TARGETS = [
+    ("gen.checker.all", "text -> image: images the checker reads with every attribute asked (best of 4)", 0.90),
+    ("gen.checker.shape", "the same, shape alone", None),
+    ("ref.checker.all", "the checker on the true held-out images (its ceiling)", None),
+    ("und.caption.exact", "image -> text: captions of held-out images, exact match", 0.98),
+    ("und.qa.exact", "question -> answer, exact match", 0.98),
+    ("gen.fid_proxy", "FID of generated against true images, in-project features (lower is better)", None),
+]
 
 DEMO_PROMPTS = [
     "a large red circle at the top left",
@@ -52,6 +66,7 @@ def _run(title: str, cmd: list[str], timings: dict) -> None:
 def main(
     eval_mode: bool = typer.Option(False, "--eval", help="short run that fails below the thresholds"),
     keep_data: bool = typer.Option(False, "--keep-data", help="reuse token shards already written"),
+    record: bool = typer.Option(True, "--record/--no-record", help="write the demo's figures into docs/RESULTS.md"),
 ) -> None:
     """Run the whole pipeline on the built-in dataset and print a summary."""
     name = "eval" if eval_mode else "demo"
@@ -83,6 +98,9 @@ def main(
     total = time.perf_counter() - start
 
     metrics = json.loads((ROOT / run / "metrics.json").read_text())
+    if record and not eval_mode:
+        record_section(RESULTS, SECTION, results_section(metrics, timings, time.strftime("%Y-%m-%d")))
+        console.print(f"figures recorded in {RESULTS.relative_to(ROOT)}")
     table = Table("metric", "value", title=f"mmar {name}: {total / 60:.1f} min")
     for key, value in _headline(metrics).items():
         table.add_row(key, value)
@@ -90,6 +108,18 @@ def main(
         table.add_row(f"time: {stage}", f"{seconds:.0f} s")
     console.print(table)
     console.print(f"report: {run}/report.md   metrics: {run}/metrics.json   checkpoint: {ckpt}/")
+
+
+def results_section(result: dict, timings: dict, date: str) -> str:
+    """The demo's section of docs/RESULTS.md: its figures against their targets and each stage's time."""
+    machine, total = result["machine"], sum(timings.values())
+    stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
+    return "\n".join([
+        f"## {SECTION}", "",
+        f"Last run {date} on {machine['cpu']} ({machine['cores']} cores), `make demo` (set-up not counted); "
+        f"{result['reference']['num_samples']} held-out samples of the built-in dataset.", "",
+        *TABLE_HEAD, *target_rows(result["metrics"], TARGETS),
+        f"| whole demo: {stages} | | {total / 60:.1f} min | | |", ""])
 
 
 def _headline(metrics: dict) -> dict[str, str]:

@@ -2,20 +2,21 @@
 
     python examples/mnist/summary.py runs/example-mnist/eval/metrics.json --seconds 812
 
-The section "## make example-mnist" of docs/RESULTS.md is replaced by this run's (date, CPU, time,
-figures), so the file always holds the last run's measurements and the README need not.
+Its section of docs/RESULTS.md is replaced by this run's (date, CPU, time, figures), so the file always
+holds the last run's measurements.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
+from mmar_cli.results import TABLE_HEAD, record_section, target_rows
+
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "RESULTS.md"
-HEADING = "## make example-mnist"
+SECTION = "make example-mnist"
 # metric, what it says, target (minimum)
 TARGETS = [
     ("gen.classifier.accuracy", "images generated from held-out captions that the judge reads as the digit asked", 0.90),
@@ -34,25 +35,20 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="print only; leave docs/RESULTS.md alone")
     args = parser.parse_args()
     result = json.loads(args.metrics.read_text())
-    m = result["metrics"]
-    rows = [f"| {what} | `{name}` | {m[name]:.3f} | {'' if t is None else f'>= {t}'} | "
-            f"{'' if t is None else ('met' if m[name] >= t else 'MISSED')} |" for name, what, t in TARGETS if name in m]
+    rows = target_rows(result["metrics"], TARGETS)
     minutes = args.seconds / 60
     rows.append(f"| whole example: shards, tokenize, pretrain, finetune, evaluate | | {minutes:.1f} min | <= 15 min | "
                 f"{'met' if minutes <= 15 else 'MISSED'} |")
     section = "\n".join([
-        HEADING, "",
+        f"## {SECTION}", "",
         f"Last run {time.strftime('%Y-%m-%d')} on {result['machine']['cpu']} ({result['machine']['cores']} cores), "
         f"`make example-mnist`; {result['reference']['num_samples']} held-out digits; judge "
         f"`{result['judges'].get('classifier', {}).get('hash', '?')[:16]}`; precision/recall: "
         f"{result['provenance'].get('gen.recall', {}).get('evaluator', '?')}.", "",
-        "| figure | metric | value | target | |", "|---|---|---|---|---|", *rows, ""])
+        *TABLE_HEAD, *rows, ""])
     print(section)
     if not args.no_record:
-        text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Results\n\nMeasurements written by the runs that make them.\n\n"
-        pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-        text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-        RESULTS.write_text(text, encoding="utf-8")
+        record_section(RESULTS, SECTION, section)
         print(f"recorded in {RESULTS}")
 
 

@@ -1,0 +1,44 @@
+"""Sections of a Markdown file that a run rewrites with its own figures.
+
+`make demo` and `make example-mnist` keep their last run in docs/RESULTS.md, each between its own pair of
+markers, so a run replaces its section and leaves the rest of the file (and the other sections) alone.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+# a table of figures against their targets: what it says, the metric's name, value, minimum, met or not
+TABLE_HEAD = ["| figure | metric | value | target | |", "|---|---|---|---|---|"]
+
+
+def target_rows(metrics: dict, targets: list) -> list[str]:
+    """Rows of TABLE_HEAD's table for each (metric, what it says, minimum or None) that `metrics` holds."""
+    rows = []
+    for name, what, minimum in targets:
+        if name in metrics:
+            target, met = ("", "") if minimum is None else (f">= {minimum}", "met" if metrics[name] >= minimum else "MISSED")
+            rows.append(f"| {what} | `{name}` | {metrics[name]:.3f} | {target} | {met} |")
+    return rows
+
+
+def markers(name: str) -> tuple[str, str]:
+    return (f"<!-- {name}: written by the run, replaced by the next one -->", f"<!-- {name}: end -->")
+
+
+def replace_section(text: str, name: str, section: str) -> str:
+    """`text` with the section called `name` replaced by `section`, or `section` appended when it has none."""
+    begin, end = markers(name)
+    block = f"{begin}\n{section.strip()}\n{end}"
+    pattern = re.compile(f"{re.escape(begin)}.*?{re.escape(end)}", re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text, count=1)
+    return f"{text.rstrip()}\n\n{block}\n"
+
+
+def record_section(path: Path, name: str, section: str) -> None:
+    """Write `section` into the file at `path` as the section called `name` (the file is made if missing)."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Results\n"
+    path.write_text(replace_section(text, name, section), encoding="utf-8")
