@@ -49,7 +49,7 @@ from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, comm
 from mmar_cli.config import EvaluateConfig, to_container
 from mmar_cli.errors import UserError
 from mmar_cli.machine import machine
-from mmar_cli.metrics import accuracy, diversity, fid, judges, recon
+from mmar_cli.metrics import accuracy, diversity, fid, judges, recon, seams
 from mmar_cli.progress import progress
 from stages.sample import image_grid, save_png
 
@@ -84,17 +84,32 @@ def caption_accuracy(captions: List[str], samples: List[dict]) -> Dict[str, floa
     return metrics
 
 
-def tokenizer_reconstruction(image_tok, n: int, seed: int) -> tuple[Dict[str, float], dict]:
-    """PSNR/SSIM of encode -> decode on `n` freshly rendered held-out (test split) built-in images."""
-    from mmar_cli.data import shapes
+def builtin_renders(samples: List[dict], image_size: int) -> Optional[tuple[np.ndarray, dict]]:
+    """The held-out built-in samples drawn again from their attributes, background and jitter (in each
+    sample's JSON): images that never were tokens. None when a sample lacks them (other data, older shards)."""
+    from mmar_cli.data.shapes import render
+    from mmar_cli.data.sources import center_square
+    from PIL import Image
 
-    originals = np.stack([s["image"] for s in shapes.iterate("test", n, seed, image_tok.image_size)])
-    decoded = np.concatenate([image_tok.decode(image_tok.encode(originals[i:i + 64]))
-                              for i in range(0, n, 64)])
-    m = recon.reconstruction_metrics(originals, decoded)
-    reference = {"set": f"built-in shapes, test split, {n} renders, seed {seed}",
+    if not all({"attributes", "background", "jitter", "size"} <= set(s["meta"]) for s in samples):
+        return None
+    images = []
+    for s in samples:
+        m = s["meta"]
+        image = render(m["attributes"], m["background"], m["size"][0], [tuple(j) for j in m["jitter"]])
+        images.append(image if m["size"][0] == image_size else center_square(Image.fromarray(image), image_size))
+    originals = np.stack(images)
+    reference = {"set": f"the {len(samples)} held-out built-in samples rendered again from their JSON",
                  "sha256": hashlib.sha256(originals.tobytes()).hexdigest()}
-    return {"tok.psnr": m["psnr"], "tok.ssim": m["ssim"]}, reference
+    return originals, reference
+
+
+def tokenizer_reconstruction(image_tok, originals: np.ndarray) -> Dict[str, float]:
+    """PSNR/SSIM of encode -> decode on uint8 images."""
+    decoded = np.concatenate([image_tok.decode(image_tok.encode(originals[i:i + 64]))
+                              for i in range(0, len(originals), 64)])
+    m = recon.reconstruction_metrics(originals, decoded)
+    return {"tok.psnr": m["psnr"], "tok.ssim": m["ssim"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,6 +329,21 @@ def run(cfg) -> dict:
     else:
         notes.append(f"no {grouped_by} has two held-out samples: no within-{grouped_by} spread (raise num_samples)")
 
+    # one picture or a patchwork: seams between tokens, against images that never were tokens where there
+    # are such (the built-in renders), else against the held-out tokens decoded
+    renders = builtin_renders(samples, model.image_size)
+    originals, originals_ref = renders or (None, None)
+    cell = model.image_size // model.image_tok.grid[1]
+    seam_evaluator = f"mmar_cli/metrics/seams.py of mmar {__version__}, {cell} px tokens"
+    if renders is not None:
+        record({"gen.seam_ratio": seams.seam_ratio(generated, originals, cell)}, seam_evaluator, n, gen_settings,
+               originals_ref, note="generated / true renders; 1.0: no more visible seams than the data")
+        record({"ref.seam_ratio": seams.seam_ratio(truth, originals, cell)}, seam_evaluator, n, None,
+               originals_ref, note="the tokenizer's own seams: held-out tokens decoded / true renders")
+    else:
+        record({"gen.seam_ratio": seams.seam_ratio(generated, truth, cell)}, seam_evaluator, n, gen_settings,
+               note="generated / held-out tokens decoded (the original images are not in the shards)")
+
     # image -> text
     start = time.perf_counter()
     with progress("evaluate: image -> text", n) as advance:
@@ -334,9 +364,9 @@ def run(cfg) -> dict:
                f"exact match, mmar {__version__}", len(asked), text_settings)
 
     # the image tokenizer
-    if data_manifest["source"].get("format") == "builtin":
-        values, ref = tokenizer_reconstruction(model.image_tok, n, cfg.seed)
-        record(values, f"torchmetrics {version('torchmetrics')} PSNR (data range 1) / SSIM", n, None, ref,
+    if renders is not None:
+        values = tokenizer_reconstruction(model.image_tok, originals)
+        record(values, f"torchmetrics {version('torchmetrics')} PSNR (data range 1) / SSIM", n, None, originals_ref,
                note="inf: lossless" if math.isinf(values["tok.psnr"]) else "")
     else:
         notes.append("tokenizer PSNR/SSIM need the original images: measured only on the built-in dataset")

@@ -119,3 +119,30 @@ def test_read_rejects_non_images():
         checker.read(np.zeros((32, 48, 3), np.uint8))
     with pytest.raises(ValueError, match="at least one expected shape"):
         checker.score(np.zeros((32, 32, 3), np.uint8), [])
+
+
+@pytest.mark.parametrize("max_shapes", [1, 2])
+def test_true_renders_have_a_coherent_background(max_shapes):
+    images, expected = _renders(32, max_shapes, 1000)
+    coherent = [checker.background_coherent(im, len(e)) for im, e in zip(images, expected)]
+    assert np.mean(coherent) == 1.0
+    # grain well inside the tolerance (std 4/255: 6 sigma = 24) still reads as one background colour
+    assert np.mean([checker.background_coherent(im, len(e)) for im, e in zip(_noisy(images, 4), expected)]) >= 0.99
+
+
+def test_a_tile_of_another_grey_breaks_the_background():
+    images, expected = _renders(32, 1, 300)
+    tiled = []
+    for image in images:
+        background = checker._background(image)
+        drawn = np.abs(image.astype(np.float32) - background).max(-1) > 0
+        # the 8x8 corner tile farthest from the shape, 40 levels nearer mid-grey: a patchwork a person sees
+        corner = max([(0, 0), (0, 24), (24, 0), (24, 24)],
+                     key=lambda c: -drawn[max(c[0] - 2, 0):c[0] + 10, max(c[1] - 2, 0):c[1] + 10].sum())
+        out = image.copy()
+        y, x = corner
+        out[y:y + 8, x:x + 8] = np.where(background > 127, background - 40, background + 40)
+        tiled.append(out)
+    assert np.mean([checker.background_coherent(im) for im in tiled]) <= 0.02
+    # the attributes are still read right: the checker alone would pass these images
+    assert _accuracy(tiled, expected)["all"] >= 0.95

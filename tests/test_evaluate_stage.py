@@ -38,7 +38,7 @@ def test_true_images_score_full_marks_and_zero_fid(setup):
     truth = image_tok.decode(torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.float32)))
     checker = judges.CheckerJudge()
     scores = accuracy.mean_hits(checker.hits(truth, [checker.expected(s) for s in samples]))
-    assert scores == {k: 1.0 for k in ["shape", "colour", "size", "position", "all"]}
+    assert scores == {k: 1.0 for k in ["shape", "colour", "size", "position", "all", "background"]}
     extractor = fid.feature_extractor(None, torch.device("cpu"))
     same = fid.fid(extractor.extract(truth), extractor.extract(truth), extractor)
     assert same["value"] < 1e-6
@@ -58,13 +58,16 @@ def test_metrics_json_records_how_every_figure_was_computed(setup, tmp_path):
     expected = {f"{g}.{k}" for g in ("gen.checker", "ref.checker", "und.caption")
                 for k in ("shape", "colour", "size", "position", "all")}
     expected |= {"gen.fid_proxy", "gen.precision", "gen.recall", "und.caption.exact", "und.caption.bleu4",
-                 "und.caption.rougeL", "und.qa.exact", "tok.psnr", "tok.ssim"}
+                 "und.caption.rougeL", "und.qa.exact", "tok.psnr", "tok.ssim", "gen.checker.background",
+                 "ref.checker.background", "gen.seam_ratio", "ref.seam_ratio"}
     assert set(result["metrics"]) == expected
     assert set(result["judges"]) == {"checker"} and result["judges"]["checker"]["judged"] == 6
     assert "mmar-random-conv" in result["provenance"]["gen.recall"]["evaluator"]
     assert any("no prompt has two held-out samples" in note for note in result["notes"])
     assert result["metrics"]["tok.psnr"] == "inf" and result["metrics"]["tok.ssim"] == pytest.approx(1.0)
-    assert result["metrics"]["ref.checker.all"] == 1.0
+    assert result["metrics"]["ref.checker.all"] == 1.0 and result["metrics"]["ref.checker.background"] == 1.0
+    # the held-out samples drawn again from their JSON are the very images tokenized (patch tokens: lossless)
+    assert result["metrics"]["ref.seam_ratio"] == 1.0 and result["metrics"]["gen.seam_ratio"] > 0
     manifest_sha = result["reference"]["manifest_sha256"]
     for name, p in result["provenance"].items():
         assert p["evaluator"] and p["mmar_version"] and p["num_samples"] == 6, name

@@ -151,7 +151,8 @@ def test_evaluate_judges_an_untrained_model_near_chance_against_its_ceiling(labe
     m = result["metrics"]
     assert m["ref.classifier.accuracy"] >= 0.95
     assert m["gen.classifier.accuracy"] <= 0.5  # noise from random weights: about one class in four
-    assert "gen.checker.all" not in m  # not shapes captions
+    assert "gen.checker.all" not in m and "ref.seam_ratio" not in m  # not shapes: no renders to compare with
+    assert m["gen.seam_ratio"] > 0 and "decoded" in result["provenance"]["gen.seam_ratio"]["note"]
     assert set(result["judges"]) == {"classifier"}
     info = result["judges"]["classifier"]
     assert info["classes"] == ["0", "1", "2", "3"] and info["label_key"] == "label" and len(info["hash"]) == 64

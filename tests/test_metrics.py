@@ -99,3 +99,20 @@ def test_clean_fid_path_loads_a_local_file_and_never_downloads(tmp_path, monkeyp
     feats = ex.extract(real)
     assert feats.shape == (8, 2048)
     assert np.allclose(feats, ex.extract(real.copy()))
+
+
+def test_seam_ratio_sees_tiles_and_not_smooth_images():
+    from mmar_cli.data import shapes
+    from mmar_cli.metrics.seams import boundary_step_ratio, seam_ratio
+
+    ramp = np.broadcast_to(np.arange(32, dtype=np.uint8)[None, None, :, None] * 4, (2, 32, 32, 3))
+    assert boundary_step_ratio(ramp, 8) == pytest.approx(1.0)  # every step equal: no seam to see
+    true = np.stack([s["image"] for s in shapes.iterate("test", 64, seed=3)])
+    assert seam_ratio(true, true, 8) == 1.0
+    rng = np.random.default_rng(0)
+    offsets = rng.integers(-20, 21, (64, 4, 4, 1)).repeat(8, 1).repeat(8, 2)  # one grey step per 8x8 tile
+    tiled = np.clip(true.astype(int) + offsets, 0, 255).astype(np.uint8)
+    assert seam_ratio(tiled, true, 8) > 2.0
+    assert seam_ratio(tiled, true, 4) < seam_ratio(tiled, true, 8)  # measured on the wrong grid, it sees less
+    with pytest.raises(ValueError, match="8-pixel tokens"):
+        boundary_step_ratio(true[:, :30], 8)

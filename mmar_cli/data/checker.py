@@ -9,6 +9,11 @@ Analytic, so there is nothing to train or ship:
   position    the centre of that best placement, in thirds of the image
   colour      the palette entry nearest to the blob's median colour
 
+Beside the attributes it reads what a person sees first, whether the picture is one picture:
+  background coherence  every pixel outside the fitted shapes (grown by BACKGROUND_MARGIN px for a soft
+              edge) lies within BACKGROUND_TOL of the background colour on every channel; a stray block of
+              another grey or colour fails it (true renders pass, tokenized and decoded ones too: tests)
+
 It always answers: on a noisy generated image or one with no visible shape it falls back to the pixels
 that stand out most, so a bad image is scored wrong rather than crashing the evaluation.
 Accuracy on true renders, noisy and blurred ones is measured in tests/test_checker.py.
@@ -26,6 +31,8 @@ from scipy import ndimage
 from mmar_cli.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, size_px, unit_mask
 
 ATTRIBUTES = ["shape", "colour", "size", "position"]
+BACKGROUND_TOL = 24      # of 255, per channel: the ringing of a lossy tokenizer passes, another grey fails
+BACKGROUND_MARGIN = 1    # pixels around a shape that may blend shape and background
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 
 
@@ -56,7 +63,7 @@ def _blobs(image: np.ndarray, max_shapes: int) -> List[np.ndarray]:
 @lru_cache(maxsize=None)
 def _templates(image_size: int):
     """Every (shape, size) drawn at the top-left corner, as conjugate spectra for correlation, with
-    the placements (top-left corners) that keep it inside the image."""
+    the placements (top-left corners) that keep it inside the image, and the drawn masks themselves."""
     count = len(SHAPES) * len(SIZES)
     masks = np.zeros((count, image_size, image_size), np.float32)
     inside = np.zeros((count, image_size, image_size), bool)
@@ -66,18 +73,25 @@ def _templates(image_size: int):
         masks[k, :side, :side] = unit_mask(shape, side, side)
         inside[k, :image_size - side + 1, :image_size - side + 1] = True
         names.append((shape, size, side))
-    return names, np.conj(np.fft.rfft2(masks)), masks.sum((1, 2))[:, None, None], inside
+    return names, np.conj(np.fft.rfft2(masks)), masks.sum((1, 2))[:, None, None], inside, masks
 
 
-def _read_blob(image: np.ndarray, blob: np.ndarray) -> Dict[str, str]:
-    n = image.shape[0]
-    names, spectra, template_areas, inside = _templates(n)
+def _fit(blob: np.ndarray) -> tuple[int, int, int]:
+    """(template index, y0, x0) of the template placement that overlaps the blob best (IoU)."""
+    n = blob.shape[0]
+    _, spectra, template_areas, inside, _ = _templates(n)
     # Overlap of the blob with every template at every shift, by FFT; a shift that wraps around the
     # image edge is no placement a render could have, so it is ruled out.
     overlap = np.fft.irfft2(np.fft.rfft2(blob.astype(np.float32)) * spectra, s=(n, n))
     iou = np.where(inside, overlap / (blob.sum() + template_areas - overlap), -1.0)
     k, y0, x0 = np.unravel_index(int(np.argmax(iou)), iou.shape)
-    shape, size, side = names[k]
+    return int(k), int(y0), int(x0)
+
+
+def _read_blob(image: np.ndarray, blob: np.ndarray) -> Dict[str, str]:
+    n = image.shape[0]
+    k, y0, x0 = _fit(blob)
+    shape, size, side = _templates(n)[0][k]
 
     colour = np.median(image[blob].astype(np.float32), axis=0)
     colour_name = list(COLOURS)[int(np.argmin(((_PALETTE - colour) ** 2).sum(-1)))]
@@ -95,6 +109,22 @@ def read(image: np.ndarray, max_shapes: int = 1) -> List[Dict[str, str]]:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
         raise ValueError(f"checker expects a square uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
     return [_read_blob(image, blob) for blob in _blobs(image, max_shapes)]
+
+
+def background_coherent(image: np.ndarray, max_shapes: int = 1) -> bool:
+    """Whether every pixel outside the drawn shapes is the background colour (within BACKGROUND_TOL per
+    channel): the shapes are the best-fitting templates of `read`, grown by BACKGROUND_MARGIN pixels."""
+    image = np.asarray(image)
+    n = image.shape[0]
+    names, *_, masks = _templates(n)
+    shapes = np.zeros((n, n), bool)
+    for blob in _blobs(image, max_shapes):
+        k, y0, x0 = _fit(blob)
+        side = names[k][2]
+        shapes[y0:y0 + side, x0:x0 + side] |= masks[k, :side, :side] > 0
+    shapes = ndimage.binary_dilation(shapes, iterations=BACKGROUND_MARGIN)
+    off = np.abs(image[~shapes].astype(np.float32) - _background(image)).max(initial=0.0)
+    return bool(off <= BACKGROUND_TOL)
 
 
 def match(found: Sequence[dict], expected: Sequence[dict]) -> Dict[str, bool]:

@@ -363,7 +363,8 @@ def load_record(record: Record, image_size: int) -> dict:
         s = make_sample(split, index, seed=seed, image_size=size, max_shapes=max_shapes)
         image = s["image"] if size == image_size else center_square(Image.fromarray(s["image"]), image_size)
         meta = {"source": record.source, "size": [size, size], "question": s["question"],
-                "answer": s["answer"], "attributes": s["attributes"], "background": s["background"]}
+                "answer": s["answer"], "attributes": s["attributes"], "background": s["background"],
+                "jitter": [list(j) for j in s["jitter"]]}
         return {"image": image, "caption": s["caption"], "meta": meta}
     try:
         if kind == "file":

@@ -5,7 +5,9 @@ true held-out images: its score there (`ref.<judge>.*`) is the ceiling of its sc
 (`gen.<judge>.*`), so a judge that cannot read the real data says so before it grades a model.
 
     checker     the built-in shapes: shape, colour, size and position read back analytically
-                (mmar_cli/data/checker.py); asks = the attributes of the caption
+                (mmar_cli/data/checker.py); asks = the attributes of the caption, and beside them
+                `background`: whether the background is one colour (not a score of the prompt, so not
+                part of `all`)
     classifier  labelled data (a class per sample in its JSON, `label` or `label_key`): a small CNN
                 trained on the real training images (the training shards' tokens decoded by the same
                 tokenizer), as in the Classification Accuracy Score literature; asks = the class
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmar_cli import __version__
+from mmar_cli.data.checker import ATTRIBUTES
 from mmar_cli.errors import UserError
 
 JUDGE_CACHE = "judge-*"  # the cached judge's files beside the training shards (tokenize --overwrite removes them)
@@ -69,12 +72,16 @@ class CheckerJudge:
     def hits(self, images: np.ndarray, expected: Sequence[List[dict]]) -> List[Dict[str, bool]]:
         from mmar_cli.data import checker
 
-        return [checker.score(image, exp) for image, exp in zip(images, expected)]
+        return [{**checker.score(image, exp), "background": checker.background_coherent(image, len(exp))}
+                for image, exp in zip(images, expected)]
 
     def verdicts(self, images: np.ndarray, expected: Sequence[List[dict]]) -> List[str]:
         """One phrase per image for the report: right, or which attributes are wrong."""
-        return ["right" if h["all"] else "wrong " + ", ".join(k for k, v in h.items() if k != "all" and not v)
-                for h in self.hits(images, expected)]
+        def verdict(h):
+            wrong = [k for k in ATTRIBUTES if not h[k]]
+            return ("wrong " + ", ".join(wrong) if wrong else "right") + \
+                ("" if h["background"] else "; background not one colour")
+        return [verdict(h) for h in self.hits(images, expected)]
 
 
 # --------------------------------------------------------------------------------------------------
