@@ -50,7 +50,10 @@ class ImageTokenizerConfig:
                          "to `shift_px` pixels each way (edges repeated); image -> text training reads the image or "
                          "one of its copies at random, per sample and epoch: an augmentation for a small dataset",
                   min=0)
-    shift_px: int = opt(2, "largest move of a shifted copy, in pixels", min=1)
+    shift_px: int = opt(2, "largest move of a shifted copy, in pixels", min=0)
+    shift_deg: float = opt(0.0, "largest turn of a shifted copy, in degrees either way", min=0.0)
+    shift_scale: float = opt(0.0, "largest change of size of a shifted copy: scaled by 1 - this to 1 + this",
+                             min=0.0)
 
 
 @dataclass

@@ -37,6 +37,7 @@ from typing import List, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import typer
 from rich.console import Console
 
@@ -75,18 +76,27 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def shifted_copies(images: np.ndarray, keys: List[str], copies: int, max_px: int) -> np.ndarray:
-    """uint8 [B, H, W, 3] -> [B, copies, H, W, 3]: each image moved by up to `max_px` pixels each way, edge
-    pixels repeated. The moves are drawn from a generator seeded by the sample's key, so a sample's copies
-    are the same for any worker count or shard size."""
+def shifted_copies(images: np.ndarray, keys: List[str], copies: int, max_px: int, max_deg: float = 0.0,
+                   max_scale: float = 0.0) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> [B, copies, H, W, 3]: each image moved by a whole number of pixels up to `max_px`
+    each way, turned by up to `max_deg` degrees and scaled by 1 +- up to `max_scale` about its centre
+    (bilinear; outside the image the edge pixels are repeated). The moves are drawn from a generator seeded
+    by the sample's key, so a sample's copies are the same for any worker count or shard size."""
     b, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (max_px, max_px), (max_px, max_px), (0, 0)), mode="edge")
-    out = np.empty((b, copies, h, w, 3), dtype=np.uint8)
+    theta = np.zeros((b, copies, 2, 3))
     for i, key in enumerate(keys):
         rng = np.random.default_rng(sources.key_hash("shift", key))
-        for k, (dy, dx) in enumerate(rng.integers(0, 2 * max_px + 1, (copies, 2))):
-            out[i, k] = padded[i, dy:dy + h, dx:dx + w]
-    return out
+        dy, dx = (rng.integers(0, 2 * max_px + 1, (copies, 2)) - max_px).T
+        angle = np.deg2rad(rng.uniform(-max_deg, max_deg, copies)) if max_deg else np.zeros(copies)
+        scale = 1 + rng.uniform(-max_scale, max_scale, copies) if max_scale else np.ones(copies)
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        # output pixel (x, y) reads input (A [x, y] + t) in grid_sample's [-1, 1] coordinates
+        theta[i, :, 0] = np.stack([cos, -sin * h / w, 2 * dx / w], -1)
+        theta[i, :, 1] = np.stack([sin * w / h, cos, 2 * dy / h], -1)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().repeat_interleave(copies, 0)
+    grid = F.affine_grid(torch.from_numpy(theta).float().reshape(-1, 2, 3), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(b, copies, h, w, 3).numpy()
 
 
 def tokenize_chunk(job: dict, progress=None) -> dict:
@@ -102,7 +112,8 @@ def tokenize_chunk(job: dict, progress=None) -> dict:
         flips = tokenizer.encode(images[:, :, ::-1].copy()).numpy() if job["flip"] else [None] * len(batch)
         views = [None] * len(batch)
         if job["shifts"]:
-            moved = shifted_copies(images, [record.key for record, _ in batch], job["shifts"], job["shift_px"])
+            moved = shifted_copies(images, [record.key for record, _ in batch], job["shifts"], job["shift_px"],
+                                   job["shift_deg"], job["shift_scale"])
             views = tokenizer.encode(moved.reshape(-1, *images.shape[1:])).numpy()
             views = views.reshape(len(batch), job["shifts"], *views.shape[1:])
         nonlocal sided
@@ -424,7 +435,8 @@ def run(cfg, set_keys=()) -> List[dict]:
         jobs = [{"records": records[i:i + cfg.shard_size], "path": str(directory / shards.shard_name(name, k)),
                  "dir": str(directory), "image_spec": image_spec, "image_size": cfg.image_size,
                  "flip": flips[split], "strict": cfg.strict,
-                 "shifts": shifts[split], "shift_px": cfg.image_tokenizer.shift_px}
+                 "shifts": shifts[split], "shift_px": cfg.image_tokenizer.shift_px,
+                 "shift_deg": cfg.image_tokenizer.shift_deg, "shift_scale": cfg.image_tokenizer.shift_scale}
                 for k, i in enumerate(range(0, len(records), cfg.shard_size))]
         results = _run_chunks(jobs, cfg.workers, len(records), f"tokenize {split or cfg.input}")
         skipped = skipped + [s for r in results for s in r["skipped"]]

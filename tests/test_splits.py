@@ -376,3 +376,20 @@ def test_an_unsplit_run_replaces_an_earlier_split_output_with_overwrite(tmp_path
     (tmp_path / "out2" / "train" / "my_photo.png").write_bytes(b"x")  # not ours: never deleted
     result, output = tokenize("--input", src, "--out", tmp_path / "out2", "image_size=16", "--overwrite")
     assert result.exit_code == 2 and "my_photo.png" in output and (tmp_path / "out2" / "train" / "my_photo.png").exists()
+
+
+def test_turned_and_scaled_copies_keep_the_centre_and_turn_by_at_most_the_angle():
+    from stages.tokenize import shifted_copies
+
+    bar = np.zeros((1, 32, 32, 3), np.uint8)
+    bar[0, 15:17, 6:26] = 255  # a horizontal bar through the centre
+    copies = shifted_copies(bar, ["k"], copies=8, max_px=0, max_deg=20.0, max_scale=0.2)
+    angles, lengths = [], []
+    for copy in copies[0].astype(np.float32)[..., 0]:
+        ys, xs = np.nonzero(copy > 127)
+        assert abs(ys.mean() - 15.5) < 1.0 and abs(xs.mean() - 15.5) < 1.0  # turned about the centre
+        angles.append(np.degrees(np.arctan(np.polyfit(xs, ys, 1)[0])))  # slope of the bar
+        lengths.append(xs.max() - xs.min() + 1)
+    assert max(abs(a) for a in angles) <= 21 and max(abs(a) for a in angles) > 3  # turned, within the limit
+    assert 14 <= min(lengths) and max(lengths) <= 25 and max(lengths) - min(lengths) >= 2  # scaled by <= 20 %
+    assert np.array_equal(copies, shifted_copies(bar, ["k"], 8, 0, 20.0, 0.2))
