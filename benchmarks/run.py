@@ -142,14 +142,6 @@ def measure_data(shard_dir: Path, sizes: Sizes) -> List[dict]:
     return rows
 
 
-def find_checkpoint() -> Optional[Path]:
-    """The newest complete runs/*/final or runs/*/*/final."""
-    from mmar_cli.engine.checkpoint import COMPLETE
-
-    finals = [p.parent for pattern in ("runs/*/final", "runs/*/*/final") for p in ROOT.glob(f"{pattern}/{COMPLETE}")]
-    return max(finals, key=lambda p: (p / COMPLETE).stat().st_mtime) if finals else None
-
-
 def train_fallback(shard_dir: Path, out: Path, sizes: Sizes) -> Path:
     """A short tiny pretraining run with the real training stage (no EMA: it would lag the few steps)."""
     from mmar_cli.config import TrainConfig, load_config
@@ -375,11 +367,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
 def run(args: argparse.Namespace, command: str) -> dict:
     from mmar_cli.data.shards import load_tokenizers
 
-    from mmar_cli.inference import checkpoint_dir
+    from mmar_cli.engine import checkpoint
 
     sizes = QUICK if args.quick else Sizes()
     # a mistyped --ckpt is refused now, not after the training measurements
-    ckpt = checkpoint_dir(args.ckpt) if args.ckpt else None if args.quick else find_checkpoint()
+    if args.ckpt:
+        ckpt = checkpoint.load(args.ckpt).path
+    else:
+        ckpt = None if args.quick else checkpoint.newest_final(ROOT / "runs")
     start, load_start = datetime.datetime.now(), load_average()
     with tempfile.TemporaryDirectory(prefix="mmar-bench-") as tmp:
         log(f"tokenizing {sizes.num_train} built-in samples into {tmp}")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from mmar_cli.engine import checkpoint as ckpt
 from test_datamodule import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,12 @@ def shards(tmp_path_factory):
 
 
 def weights(path, name="model.safetensors"):
-    return load_file(str(Path(path, name)))
+    """A checkpoint's weights, read the one way (so their checksums are checked too)."""
+    return ckpt.load(path).weights(ema=name == "ema.safetensors")
+
+
+def trainer_state(path):
+    return ckpt.load(path).trainer_state()
 
 
 def assert_same(a, b, tol=1e-6):
@@ -53,7 +58,7 @@ def test_pretrain_writes_the_checkpoint_layout(shards, tmp_path):
     final = sorted(p.name for p in (out / "final").iterdir())
     assert final == ["COMPLETE", "command.txt", "config.yaml", "ema.safetensors", "manifest.json",
                      "model.safetensors", "trainer.pt"]
-    state = torch.load(out / "final" / "trainer.pt", weights_only=True)
+    state = trainer_state(out / "final")
     assert state["step"] == 4 and state["data"]["batches_per_rank"] == 4
     assert "vocab_size: 264" in (out / "final" / "config.yaml").read_text()  # filled from the shards
     assert (out / "samples" / "final.png").is_file() and "caption:" in (out / "samples" / "final.txt").read_text()
@@ -103,7 +108,7 @@ def test_ddp_on_two_cpu_processes(shards, tmp_path):
          "trainer.devices=2", "trainer.log_keys=true", "trainer.num_workers=0", *TINY)
     seen = [set((out / f"keys-rank{r}.txt").read_text().split()) for r in range(2)]
     assert len(seen[0]) >= 4 and len(seen[1]) >= 4 and not seen[0] & seen[1]
-    state = torch.load(out / "final" / "trainer.pt", weights_only=True)
+    state = trainer_state(out / "final")
     assert state["step"] == 3 and state["data"]["world_size"] == 2
     assert len(weights(out / "final")) > 0 and not list(out.glob(".tmp-*"))
 
@@ -168,7 +173,7 @@ def test_used_output_directory_is_refused_unless_resume_or_overwrite(shards, tmp
         run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=1")
     assert run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=1", "resume=auto") == out / "final"
     assert run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=2", overwrite=True) == out / "final"
-    assert torch.load(out / "final" / "trainer.pt", weights_only=True)["step"] == 2
+    assert trainer_state(out / "final")["step"] == 2
 
 
 @pytest.mark.slow
@@ -192,6 +197,25 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(shards, tmp_path, m
         run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=10", "trainer.ckpt_every=2")
     assert "step-00000002" in str(e.value)
     assert (out / "step-00000002" / "COMPLETE").exists() and not (out / "final").exists()
+
+
+@pytest.mark.parametrize("option", ["--init", "--resume"])
+def test_a_damaged_init_or_resume_checkpoint_is_one_line(shards, tmp_path, option):
+    from typer.testing import CliRunner
+
+    from mmar_cli.app import app
+    from tiny_checkpoint import damage, make_checkpoint
+
+    ckpt = make_checkpoint(shards.parent, tmp_path / "pre")
+    damaged = ckpt / ("model.safetensors" if option == "--init" else "trainer.pt")
+    damage(damaged, "altered")
+    stage = "finetune" if option == "--init" else "pretrain"
+    result = CliRunner().invoke(app, [stage, option, str(ckpt), "--data", str(shards), "--out", str(tmp_path / "o"),
+                                      *TINY])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {option[2:]}: {damaged} does not match its sha256 in COMPLETE")
+    assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "o" / "final").exists()
 
 
 def test_cli_error_is_one_line(tmp_path):
