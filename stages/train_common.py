@@ -27,6 +27,7 @@ from mmar_cli.data import shards as shard_io
 from mmar_cli.data.datamodule import ShardDataModule, fits
 from mmar_cli.data.sequence import CAPTION, T2I, build_batch, encode_prefix
 from mmar_cli.engine import checkpoint as ckpt
+from mmar_cli.engine import slurm
 from mmar_cli.engine.log_lines import LogLines, StepProgressBar
 from mmar_cli.engine.module import MODEL_KEYS, NonFiniteLoss, TrainModule
 from mmar_cli.errors import UserError, warn
@@ -163,7 +164,8 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
         gradient_clip_val=cfg.optim.grad_clip or None,
         logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")],
         log_every_n_steps=cfg.trainer.log_every,
-        callbacks=callbacks, enable_progress_bar=on_terminal, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=callbacks, plugins=slurm.cluster_plugins(),
+        enable_progress_bar=on_terminal, enable_checkpointing=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
     )
     try:
@@ -172,6 +174,10 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
         last = ckpt.step_dirs(out)[-1] if ckpt.step_dirs(out) else "none"
         raise UserError(f"{e}; training stopped. Last good checkpoint: {last}. Try a lower "
                         "optim.lr, a stronger optim.grad_clip or trainer.precision=32") from None
+    except ckpt.Preempted as e:
+        console.print(f"preempted at step {e.step}: wrote {e.path} and requeued SLURM job {e.job}, which "
+                      "continues with --resume auto", soft_wrap=True, highlight=False)
+        return e.path
     if trainer.is_global_zero:
         counts = module.counts
         console.print(f"done: {out / 'final'} (step {module.step}); samples skipped: {counts['skipped_long']} "

@@ -89,6 +89,44 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigusr1_under_slurm_checkpoints_requeues_and_resumes_exactly(shards, tmp_path):
+    args = ["--data", str(shards), "--max-steps", "14", "trainer.ckpt_every=4", "trainer.keep_last=10",
+            "trainer.num_workers=1", *TINY]
+    mmar("pretrain", "--out", str(tmp_path / "straight"), *args)
+
+    calls = tmp_path / "scontrol-calls.txt"
+    stub = tmp_path / "bin" / "scontrol"  # records its arguments, as `scontrol requeue` would get them
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NAME": "mmar-pretrain", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_NODEID": "0"}
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", "--out", str(out), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    marker = out / "step-00000004" / "COMPLETE"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGUSR1)  # SLURM signals every process of the job step, loader workers too
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, output
+    assert calls.read_text() == "requeue 4242\n"
+    steps = [int(p.name.removeprefix("step-")) for p in out.glob("step-*")]
+    assert 4 < max(steps) < 14 and not (out / "final").exists(), steps
+    last = out / f"step-{max(steps):08d}"
+    assert f"preempted at step {max(steps)}: wrote {last} and requeued SLURM job 4242" in output
+    assert trainer_state(last)["step"] == max(steps)
+
+    requeued = mmar("pretrain", "--out", str(out), "--resume", "auto", *args, env=env)
+    assert f"resuming from {last} (step {max(steps)})" in requeued.stdout + requeued.stderr
+    assert calls.read_text() == "requeue 4242\n"  # the requeued run ran to the end: no second requeue
+    assert_same(weights(tmp_path / "straight" / "final"), weights(out / "final"))
+    assert_same(weights(tmp_path / "straight" / "final", "ema.safetensors"), weights(out / "final", "ema.safetensors"))
+
+
+@pytest.mark.slow
 def test_finetune_from_pretrain_with_frozen_backbone(shards, tmp_path):
     pre = tmp_path / "pre"
     mmar("pretrain", "--data", str(shards), "--out", str(pre), "--max-steps", "2", *TINY)

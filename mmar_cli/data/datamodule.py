@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import signal
 import warnings
 from typing import Iterator, List, Optional
 
@@ -114,6 +115,10 @@ class TokenBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            # SLURM signals every process of a job step; only the main process acts on a preemption
+            # (`engine.slurm`), and a worker started by spawn or forkserver would die of it
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         skip = batches_before(self.start_batch, worker, num_workers)
         counts = {"skipped_long": 0, "corrupt": 0}
         for samples in self._sample_batches(worker, num_workers, counts):

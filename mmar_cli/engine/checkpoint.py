@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmar_cli.data.shards import file_sha256
+from mmar_cli.engine import slurm
 from mmar_cli.errors import UserError, warn
 
 COMPLETE = "COMPLETE"
@@ -327,10 +328,22 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 # The Lightning callback that writes our layout
 # --------------------------------------------------------------------------------------------------
+class Preempted(Exception):
+    """Training stopped for a SLURM preemption after writing `path` and requeueing the job."""
+
+    def __init__(self, step: int, path: Path, job: str):
+        self.step, self.path, self.job = step, path, job
+        super().__init__(f"preempted at step {step}")
+
+
 class CheckpointWriter(L.Callback):
     """Writes `step-XXXXXXXX/` every `trainer.ckpt_every` steps (pruned to `keep_last`) and `final/` at the
     end. Weights and optimizer state are gathered through the strategy, so DDP and FSDP give one full
-    checkpoint; rank 0 writes it and the others wait."""
+    checkpoint; rank 0 writes it and the others wait.
+
+    In a SLURM job, SIGUSR1 (`sbatch --signal=USR1@90`) only sets a flag; at the next step boundary every
+    rank agrees on it, the step directory is written, rank 0 runs `scontrol requeue` and training stops
+    with `Preempted`. The requeued job continues with `--resume auto`."""
 
     def __init__(self, out: str | Path, cfg, config_yaml: str, shard_dir: str | Path, command: str):
         self.out = Path(out)
@@ -338,13 +351,32 @@ class CheckpointWriter(L.Callback):
         self.config_yaml = config_yaml
         self.shard_dir = shard_dir
         self.command = command
+        self.preemption = slurm.PreemptionSignal()
+
+    def setup(self, trainer, module, stage):
+        self.preemption.install()  # before the loader's workers fork: they inherit the flag-only handler
+
+    def teardown(self, trainer, module, stage):
+        self.preemption.uninstall()
+
+    def on_exception(self, trainer, module, exception):
+        self.preemption.uninstall()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = module.step
-        if step % self.cfg.trainer.ckpt_every == 0 and step < self.cfg.trainer.max_steps:
-            self.save(trainer, module, self.out / step_name(step))
+        if step >= self.cfg.trainer.max_steps:
+            return  # on_train_end writes final/
+        preempted = self.preemption.job is not None and \
+            trainer.strategy.reduce_boolean_decision(self.preemption.received, all=False)
+        if preempted or step % self.cfg.trainer.ckpt_every == 0:
+            path = self.out / step_name(step)
+            self.save(trainer, module, path)
             if trainer.is_global_zero:
                 prune(self.out, self.cfg.trainer.keep_last)
+        if preempted:
+            if trainer.is_global_zero:
+                slurm.requeue(self.preemption.job, path)
+            raise Preempted(step, path, self.preemption.job)
 
     def on_train_end(self, trainer, module):
         self.save(trainer, module, self.out / "final")
