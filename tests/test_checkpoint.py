@@ -10,6 +10,7 @@ import torch
 
 from mmar_cli.engine import checkpoint as ckpt
 from mmar_cli.errors import UserError
+from tiny_checkpoint import damage
 
 
 def write(out, name, shard_dir, step=1):
@@ -115,13 +116,6 @@ def record_checksums(path):
     ckpt._write_checksums(path)
 
 
-def overwrite_middle(file, count):
-    data = bytearray(file.read_bytes())
-    middle = len(data) // 2 - count // 2
-    data[middle:middle + count] = bytes(255 - b for b in data[middle:middle + count])
-    file.write_bytes(bytes(data))
-
-
 def test_complete_lists_size_and_sha256_of_every_other_file(tmp_path, shard_dir):
     import hashlib
 
@@ -143,7 +137,7 @@ def test_truncated_altered_and_missing_files_are_named(tmp_path, shard_dir):
         ckpt.load(path)  # sizes are checked when the directory is opened
 
     path = write(tmp_path / "run", "final", shard_dir)
-    overwrite_middle(path / "ema.safetensors", 8)
+    damage(path / "ema.safetensors", "altered")
     opened = ckpt.load(path)  # the weights are hashed when they are read
     assert opened.weights()["w"].shape == (2, 3)
     with pytest.raises(UserError, match="ema.safetensors does not match its sha256 in COMPLETE") as e:
@@ -165,7 +159,7 @@ def test_resume_auto_passes_over_damaged_checkpoints_and_says_so(tmp_path, shard
     out = tmp_path / "run"
     for step in (2, 4, 6):
         write(out, ckpt.step_name(step), shard_dir, step)
-    overwrite_middle(out / "step-00000006" / "trainer.pt", 4)
+    damage(out / "step-00000006" / "trainer.pt", "altered")
     (out / "step-00000004" / "model.safetensors").unlink()
     found = ckpt.find_resume(out, "auto")
     assert found.path.name == "step-00000002" and found.trainer_state()["step"] == 2
@@ -176,7 +170,7 @@ def test_resume_auto_passes_over_damaged_checkpoints_and_says_so(tmp_path, shard
 
     with pytest.raises(UserError, match="trainer.pt does not match its sha256"):
         ckpt.find_resume(out, str(out / "step-00000006"))  # named explicitly: no fallback
-    overwrite_middle(out / "step-00000002" / "model.safetensors", 4)
+    damage(out / "step-00000002" / "model.safetensors", "altered")
     with pytest.raises(UserError, match="no intact checkpoint in .*start afresh with --overwrite"):
         ckpt.find_resume(out, "auto")
 

@@ -2,6 +2,7 @@
 the training engine's own checkpoint writer (so the layout is exactly what `mmar pretrain` leaves), and
 the ways a file of it gets damaged."""
 
+import re
 from pathlib import Path
 
 import torch
@@ -45,6 +46,9 @@ def make_checkpoint(data: Path, out: Path, model_overrides=TINY_MODEL, seed: int
                            command="tests/tiny_checkpoint.py")
 
 
+DAMAGES = ("truncated", "altered", "missing")
+
+
 def damage(file, how):
     """Truncate `file` to half, overwrite (invert) 4000 bytes in its middle (all of a smaller file), or
     delete it."""
@@ -58,3 +62,17 @@ def damage(file, how):
         file.write_bytes(bytes(data))
     else:
         file.unlink()
+
+
+def assert_damage_reported(code, out, err, key, file, how):
+    """A stage stopped on `file`, damaged `how`: exit code 2 and one line that names the file, says what is
+    wrong with it and what to do, no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in out + err, out + err
+    file = Path(file)
+    what = {"truncated": rf"{re.escape(str(file))} is \d+ bytes, \d+ when written \(truncated or overwritten\)",
+            "altered": rf"{re.escape(str(file))} does not match its sha256 in COMPLETE \(its bytes changed after "
+                       r"it was written\)",
+            "missing": rf"{re.escape(str(file.parent))} has no {re.escape(file.name)}, which its COMPLETE lists"}[how]
+    assert re.fullmatch(rf"error: {key}: {what}; the checkpoint is damaged: use another checkpoint \(an earlier "
+                        r"step-XXXXXXXX/ of the run\) or train it again", lines[0]), lines[0]
