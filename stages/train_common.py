@@ -105,7 +105,7 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
         raise UserError("trainer.strategy=fsdp shards the weights and the EMA is kept whole: set "
                         "trainer.ema_decay=0 with fsdp, or use trainer.strategy=ddp")
     manifest = shard_io.read_manifest(cfg.data)
-    shards = shard_io.shard_paths(cfg.data)
+    shards = shard_io.shard_checksums(cfg.data)  # each checked by the loader as it opens it
     if not shards:
         raise UserError(f"{cfg.data}: the manifest lists no shards")
     val_dir = cfg.val_data
@@ -154,7 +154,7 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
     callbacks = [
         progress,
         ckpt.CheckpointWriter(out, cfg, config_yaml, cfg.data, command_line()),
-        Previews(out, cfg, tok, image_tok, shard_io.shard_paths(val_dir) if val_dir else shards),
+        Previews(out, cfg, tok, image_tok, shard_io.shard_paths(val_dir) if val_dir else list(shards)),
     ]
     trainer = L.Trainer(
         max_steps=cfg.trainer.max_steps - start,

@@ -58,6 +58,21 @@ def test_a_damaged_checkpoint_stops_evaluate_with_one_line(setup, tmp_path, how)
     assert not (tmp_path / "ev" / "metrics.json").exists()
 
 
+def test_a_test_shard_changed_after_tokenize_stops_evaluate_with_one_line(setup, tmp_path):
+    import shutil
+
+    data, ckpt = setup
+    test = shutil.copytree(data / "test", tmp_path / "test")
+    shard = sorted(test.glob("*.tar"))[0]
+    damage(shard, "altered")  # same size, other bytes
+    code, out, err = mmar("evaluate", "--ckpt", ckpt, "--data", test, "--out", tmp_path / "ev", *FAST)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in out + err, out + err
+    assert lines[0] == f"error: {shard}: sha256 does not match the manifest (the shard changed or is truncated " \
+                       "after tokenize); tokenize again"
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
 @pytest.mark.slow
 def test_metrics_json_records_how_every_figure_was_computed(setup, tmp_path):
     data, ckpt = setup
