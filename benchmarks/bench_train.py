@@ -176,7 +176,7 @@ def data_wait(shard_dir, num_workers: int, batch_size: int, steps: int, epoch_st
     (ShardDataModule over real shards), over all `steps`, and apart over the rest of the first epoch
     (`epoch_steps` batches: read from disk) and the later ones (replayed from the loader's cache). The first
     batch (worker start, shuffle buffer) is timed apart."""
-    from mmar_cli.data.shards import load_tokenizers, shard_paths
+    from mmar_cli.data.shards import load_tokenizers, shard_checksums
 
     tok, image_tok = load_tokenizers(shard_dir)
     train_cfg = OmegaConf.structured(TrainConfig)
@@ -185,7 +185,7 @@ def data_wait(shard_dir, num_workers: int, batch_size: int, steps: int, epoch_st
         preset=preset, vocab_size=tok.vocab_size, token_dim=image_tok.token_dim,
         image_grid=list(image_tok.grid), **(model_overrides or {}))))
     step = TrainStep(cfg, precision)
-    loader = ShardDataModule(shard_paths(shard_dir), tok, step.model.layout, train_cfg).train_dataloader()
+    loader = ShardDataModule(shard_checksums(shard_dir), tok, step.model.layout, train_cfg).train_dataloader()
     start = time.perf_counter()
     batches = iter(loader)
     step(next(batches))

@@ -15,50 +15,25 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from mmar_cli.data.sequence import CAPTION, IGNORE, QA, T2I, UNCOND, Layout, build_batch, encode_prefix, encode_suffix
-from mmar_cli.errors import UserError
+from mmar_cli.errors import UserError, warn
 
 RUNS = Path("runs")
-WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
-CHECKPOINT_FILES = ("model.safetensors", "config.yaml", "manifest.json")
-
-
-def warn(message: str) -> None:
-    from mmar_cli.cli_common import console
-
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------------
-# Finding and checking a checkpoint
+# Finding a checkpoint
 # --------------------------------------------------------------------------------------------------
 def newest_checkpoint(root: Path = RUNS) -> Path:
-    """The most recently completed `final/` under `root` (by the time its COMPLETE marker was written)."""
-    from mmar_cli.engine.checkpoint import COMPLETE
+    """The most recently completed `final/` under `root`."""
+    from mmar_cli.engine.checkpoint import COMPLETE, newest_final
 
-    finals = [p.parent for p in root.glob(f"**/final/{COMPLETE}")] if root.is_dir() else []
-    if not finals:
+    found = newest_final(root)
+    if found is None:
         raise UserError(f"no complete checkpoint under {root}/ (a final/ directory with a {COMPLETE} file); "
                         "pass ckpt=DIR or train one with `mmar pretrain`")
-    return max(finals, key=lambda p: (p / COMPLETE).stat().st_mtime)
-
-
-def checkpoint_dir(ckpt: Optional[str]) -> Path:
-    """`ckpt`, or the newest complete run under runs/, checked to hold everything inference needs."""
-    from mmar_cli.engine.checkpoint import COMPLETE
-
-    path = newest_checkpoint() if ckpt is None else Path(ckpt)
-    if not path.is_dir():
-        raise UserError(f"ckpt: {path} is not a directory (expected a checkpoint such as runs/pretrain/final)")
-    if not (path / COMPLETE).is_file():
-        raise UserError(f"ckpt: {path} is not a complete checkpoint (no {COMPLETE} file: the run was "
-                        "interrupted while writing it, or this is not a checkpoint directory)")
-    for name in CHECKPOINT_FILES:
-        if not (path / name).is_file():
-            raise UserError(f"ckpt: {path} has no {name}; expected a checkpoint written by mmar pretrain/finetune")
-    return path
+    return found
 
 
 def check_data_compatible(ckpt_manifest: dict, data_manifest: dict, ckpt: Path, data: Path) -> None:
@@ -206,38 +181,36 @@ def row_generators(seed: int, first_row: int, count: int, candidate: int = 0) ->
 def load_checkpoint(ckpt: Optional[str], ema: bool = True, device: Optional[str] = None) -> InferenceModel:
     """A checkpoint directory (None: newest final/ under runs/) -> model in eval mode + its tokenizers.
 
-    Weights are read with safetensors (nothing is unpickled). `ema`: the EMA weights when the checkpoint
+    Every file read is checked against the checkpoint's checksums first (`engine.checkpoint.load`), and
+    weights are read with safetensors (nothing is unpickled). `ema`: the EMA weights when the checkpoint
     has them (a warning otherwise, then the raw weights)."""
-    from safetensors.torch import load_file
-
-    from mmar_cli.data.shards import file_sha256, load_tokenizers
+    from mmar_cli.data.shards import load_tokenizers
+    from mmar_cli.engine import checkpoint
     from mmar_cli.model.mmar import MMAR
     from mmar_cli.model.presets import resolve
 
-    path = checkpoint_dir(ckpt)
-    which = "ema" if ema else "model"
-    if ema and not (path / WEIGHT_FILES["ema"]).is_file():
-        warn(f"{path} has no {WEIGHT_FILES['ema']} (trained with ema_decay=0): using the raw weights")
-        which = "model"
-    weights = path / WEIGHT_FILES[which]
+    opened = checkpoint.load(newest_checkpoint() if ckpt is None else ckpt, "ckpt")
+    path = opened.path
+    if ema and not opened.has(checkpoint.EMA):
+        warn(f"{path} has no {checkpoint.EMA} (trained with ema_decay=0): using the raw weights")
+        ema = False
+    name = checkpoint.EMA if ema else checkpoint.MODEL
 
     text_tok, image_tok = load_tokenizers(path)
-    cfg = resolve(OmegaConf.load(path / "config.yaml").model)
+    cfg = resolve(opened.config.model)
     model = MMAR(cfg)
     try:
-        model.load_state_dict(load_file(str(weights)))
-    except (RuntimeError, OSError) as e:
+        model.load_state_dict(opened.weights(ema))
+    except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"ckpt: {weights} does not fit the model in {path / 'config.yaml'}: {first}") from None
+        raise UserError(f"ckpt: {path / name} does not fit the model in {path / 'config.yaml'}: {first}") from None
     if cfg.vocab_size != text_tok.vocab_size or cfg.token_dim != image_tok.token_dim:
         raise UserError(f"ckpt: {path}: the model expects vocabulary {cfg.vocab_size} and token dim "
                         f"{cfg.token_dim} but its tokenizers give {text_tok.vocab_size} and {image_tok.token_dim}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    from mmar_cli.engine.checkpoint import load_manifest
-
-    source = {"path": str(path), "weights": which, "sha256": file_sha256(weights),
-              "manifest": load_manifest(path)}
+    source = {"path": str(path), "weights": "ema" if ema else "model", "sha256": opened.sha256(name),
+              "manifest": opened.manifest}
     return InferenceModel(model, text_tok, image_tok, source)
 
 

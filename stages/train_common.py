@@ -27,9 +27,10 @@ from mmar_cli.data import shards as shard_io
 from mmar_cli.data.datamodule import ShardDataModule, fits
 from mmar_cli.data.sequence import CAPTION, T2I, build_batch, encode_prefix
 from mmar_cli.engine import checkpoint as ckpt
+from mmar_cli.engine import slurm
 from mmar_cli.engine.log_lines import LogLines, StepProgressBar
 from mmar_cli.engine.module import MODEL_KEYS, NonFiniteLoss, TrainModule
-from mmar_cli.errors import UserError
+from mmar_cli.errors import UserError, warn
 
 # Model keys a finetune may change; every other model key (the architecture) comes from `init`.
 TRAINING_MODEL_KEYS = ("mask_min", "mask_std", "known_noise", "caption_noise", "grad_checkpointing")
@@ -80,7 +81,7 @@ def model_config(cfg, tok, image_tok, init_cfg=None):
     return resolve(model)
 
 
-def _prepare_out(out: Path, resume: Optional[str], overwrite: bool) -> Optional[Path]:
+def _prepare_out(out: Path, resume: Optional[str], overwrite: bool) -> Optional[ckpt.Checkpoint]:
     """The checkpoint to resume from (or None), after refusing to mix two runs in one directory.
     Only rank 0 checks and cleans: the other ranks start once it has begun writing there."""
     if resume:
@@ -103,7 +104,7 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
         raise UserError("trainer.strategy=fsdp shards the weights and the EMA is kept whole: set "
                         "trainer.ema_decay=0 with fsdp, or use trainer.strategy=ddp")
     manifest = shard_io.read_manifest(cfg.data)
-    shards = shard_io.shard_paths(cfg.data)
+    shards = shard_io.shard_checksums(cfg.data)  # each checked by the loader as it opens it
     if not shards:
         raise UserError(f"{cfg.data}: the manifest lists no shards")
     val_dir = cfg.val_data
@@ -111,47 +112,39 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
         _compatible(manifest, shard_io.read_manifest(val_dir), f"data {cfg.data} vs val_data {val_dir}")
     tok, image_tok = shard_io.load_tokenizers(cfg.data)
 
-    init_cfg = None
+    init = None
     if cfg.init is not None:
-        if not ckpt.is_complete(cfg.init):
-            raise UserError(f"init: {cfg.init} is not a complete checkpoint directory (run `mmar pretrain` "
-                            "first, or pass --init)")
-        _compatible(ckpt.load_manifest(cfg.init), manifest, f"init checkpoint {cfg.init} vs data {cfg.data}")
-        init_cfg = OmegaConf.load(Path(cfg.init, "config.yaml"))
+        init = ckpt.load(cfg.init, "init")
+        _compatible(init.manifest, manifest, f"init checkpoint {cfg.init} vs data {cfg.data}")
     elif stage == "finetune":
         raise UserError("finetune needs init: a pretrain checkpoint directory (--init runs/pretrain/final)")
-    cfg.model = model_config(cfg, tok, image_tok, init_cfg)
+    cfg.model = model_config(cfg, tok, image_tok, init.config if init else None)
 
     out = Path(cfg.out)
-    resume_from = _prepare_out(out, cfg.resume, overwrite)
-    state = ckpt.load_trainer_state(resume_from) if resume_from else None
-    if resume_from:
-        _compatible(ckpt.load_manifest(resume_from), manifest, f"resume checkpoint {resume_from} vs data {cfg.data}")
-        console.print(f"resuming from {resume_from} (step {state['step']})")
-        if state["step"] >= cfg.trainer.max_steps:
-            console.print(f"{resume_from} is already at step {state['step']} >= trainer.max_steps; nothing to do")
-            return resume_from
-        if state["data"]["batch_size"] != cfg.trainer.batch_size or \
-                state["data"]["world_size"] != cfg.trainer.devices * cfg.trainer.num_nodes:
-            console.print("[yellow]warning:[/yellow] batch size or world size changed since the checkpoint; "
-                          "the data order will not continue exactly")
+    resume = _prepare_out(out, cfg.resume, overwrite)
+    if resume:
+        _compatible(resume.manifest, manifest, f"resume checkpoint {resume.path} vs data {cfg.data}")
 
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    model = build_model(cfg, init=None if resume_from else cfg.init)
-    start = state["step"] if state else 0
+    model = build_model(cfg, init=None if resume else init)
     keys_log = str(out / "keys") if cfg.trainer.log_keys else None
-    module = TrainModule(cfg, model, start_step=start, resume_state=state, keys_log=keys_log)
-    if resume_from:
-        model.load_state_dict(ckpt.load_weights(resume_from))
-        if module.ema is not None and Path(resume_from, "ema.safetensors").is_file():
-            module.ema.load_state_dict(ckpt.load_weights(resume_from, ema=True))
-        ckpt.set_rng_state(state["rng"])
+    module = TrainModule(cfg, model, keys_log=keys_log)
+    data = ShardDataModule(shards, tok, model.layout, cfg)
+    if resume:
+        state = ckpt.restore(resume, module, data)
+        console.print(f"resuming from {resume.path} (step {state['step']})", soft_wrap=True, highlight=False)
+        if state["step"] >= cfg.trainer.max_steps:
+            console.print(f"{resume.path} is already at step {state['step']} >= trainer.max_steps; nothing to do")
+            return resume.path
+        if state["data"]["batch_size"] != cfg.trainer.batch_size or \
+                state["data"]["world_size"] != cfg.trainer.devices * cfg.trainer.num_nodes:
+            warn("batch size or world size changed since the checkpoint; the data order will not continue exactly")
+    start = module.start_step
 
     config_yaml = to_yaml(cfg)
     if rank_zero_only.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
-    data = ShardDataModule(shards, tok, model.layout, cfg, start_batch=start)
     # a terminal gets the Rich bar; a log file (batch job, pipe) plain lines, as a bar drawn in place shows
     # nothing there until the end
     on_terminal = console.is_terminal
@@ -160,7 +153,7 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
     callbacks = [
         progress,
         ckpt.CheckpointWriter(out, cfg, config_yaml, cfg.data, command_line()),
-        Previews(out, cfg, tok, image_tok, shard_io.shard_paths(val_dir) if val_dir else shards),
+        Previews(out, cfg, tok, image_tok, shard_io.shard_paths(val_dir) if val_dir else list(shards)),
     ]
     trainer = L.Trainer(
         max_steps=cfg.trainer.max_steps - start,
@@ -170,15 +163,20 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
         gradient_clip_val=cfg.optim.grad_clip or None,
         logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")],
         log_every_n_steps=cfg.trainer.log_every,
-        callbacks=callbacks, enable_progress_bar=on_terminal, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=callbacks, plugins=slurm.cluster_plugins(),
+        enable_progress_bar=on_terminal, enable_checkpointing=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
     )
     try:
         trainer.fit(module, datamodule=data)
     except NonFiniteLoss as e:
-        last = ckpt.find_resume(out, "auto")
-        raise UserError(f"{e}; training stopped. Last good checkpoint: {last or 'none'}. Try a lower "
+        last = ckpt.step_dirs(out)[-1] if ckpt.step_dirs(out) else "none"
+        raise UserError(f"{e}; training stopped. Last good checkpoint: {last}. Try a lower "
                         "optim.lr, a stronger optim.grad_clip or trainer.precision=32") from None
+    except ckpt.Preempted as e:
+        console.print(f"preempted at step {e.step}: wrote {e.path} and requeued SLURM job {e.job}, which "
+                      "continues with --resume auto", soft_wrap=True, highlight=False)
+        return e.path
     if trainer.is_global_zero:
         counts = module.counts
         console.print(f"done: {out / 'final'} (step {module.step}); samples skipped: {counts['skipped_long']} "
@@ -186,14 +184,14 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
     return out / "final"
 
 
-def build_model(cfg, init: Optional[str] = None):
+def build_model(cfg, init: Optional[ckpt.Checkpoint] = None):
     """MMAR from the resolved config, with Qwen2 backbone weights or an `init` checkpoint's weights."""
     from mmar_cli.model.mmar import MMAR
 
     model = MMAR(cfg.model)
     model.w_img, model.w_txt = cfg.tasks.w_img, cfg.tasks.w_txt
     if init is not None:
-        model.load_state_dict(ckpt.load_weights(init))
+        model.load_state_dict(init.weights())
     elif cfg.model.init_from_qwen2:
         from mmar_cli.model.qwen2_adapter import load_qwen2_into
 

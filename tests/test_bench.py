@@ -107,6 +107,7 @@ def test_quick_run_writes_every_section(tmp_path):
     assert [r["length"] for r in res["scaling"]["frame"]] == [66, 130, 258]
     assert [r["workers"] for r in res["data"]] == [0, 1] and all(0 <= r["wait_frac"] < 1 for r in res["data"])
     assert all(0 < r[k] < 1 for r in res["data"] for k in ("wait_frac_first_epoch", "wait_frac_later"))
+    assert res["sha256_gbs"] > 0
     assert s["trained_here"]  # no --ckpt: a checkpoint trained on the spot
     assert 0 <= s["default"]["accuracy"] <= 100 and s["cache"]["max_diff"] < 1e-4 and s["text"]["same"]
     assert (s["default"]["candidates"], s["demo"]["candidates"]) == (1, 4)

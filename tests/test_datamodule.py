@@ -179,6 +179,40 @@ def test_corrupt_tar_and_sample_are_skipped_and_counted(tmp_path):
     assert all("bad" not in b["keys"] for b in batches)
 
 
+def alter_first_tokens(shard):
+    """Change the last bytes of the shard's first token array: the tar and the .npy still parse, only the
+    manifest's sha256 can tell."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".tokens.npy"))
+    data = bytearray(Path(shard).read_bytes())
+    end = member.offset_data + member.size
+    data[end - 8:end] = bytes(255 - b for b in data[end - 8:end])
+    Path(shard).write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("cache_mb", [datamodule.CACHE_MB, 0], ids=["cached", "streamed"])
+def test_a_shard_changed_after_tokenize_is_skipped_and_counted(tmp_path, monkeypatch, cache_mb):
+    monkeypatch.setattr(datamodule, "CACHE_MB", cache_mb)
+    d = make_shards(tmp_path / "d", num_shards=2)
+    checksums = shard_io.shard_checksums(d)
+    changed, intact = list(checksums)
+    alter_first_tokens(changed)
+    changed_keys = {f"s{n:05d}" for n in range(16)}  # the first shard's
+
+    unchecked = {k for b in take(stream(d), 4) for k in b["keys"]}
+    assert unchecked & changed_keys, "the changed shard must still parse, or this test proves nothing"
+    hashed = []
+    monkeypatch.setattr(shard_io, "file_sha256", lambda path, real=shard_io.file_sha256: hashed.append(path)
+                        or real(path))
+    with pytest.warns(UserWarning, match=f"{changed}: sha256 does not match the manifest"):
+        batches = take(stream(d, checksums=checksums), 8)  # two epochs of the intact shard's 16 samples
+    assert not {k for b in batches for k in b["keys"]} & changed_keys
+    assert sum(int(b["corrupt"]) for b in batches) == 2  # met once per epoch, as an unreadable tar is
+    assert hashed.count(intact) == 1  # an intact shard is hashed once per worker, not once per epoch
+
+
 def test_no_usable_sample_is_a_user_error(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"")
     tok = byte_tokenizer()

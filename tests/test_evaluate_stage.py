@@ -14,7 +14,7 @@ from mmar_cli.data.shards import load_tokenizers
 from mmar_cli.errors import UserError
 from mmar_cli.metrics import accuracy, fid, judges
 from stages import evaluate
-from tiny_checkpoint import make_checkpoint, make_data
+from tiny_checkpoint import DAMAGES, assert_damage_reported, damage, make_checkpoint, make_data
 
 FAST = ["gen.iterations=2", "gen.diffusion_steps=2"]
 
@@ -44,6 +44,33 @@ def test_true_images_score_full_marks_and_zero_fid(setup):
     assert same["value"] < 1e-6
     captions = evaluate.caption_accuracy([s["caption"] for s in samples], samples)
     assert captions["und.caption.exact"] == 1.0 and captions["und.caption.all"] == 1.0
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_checkpoint_stops_evaluate_with_one_line(setup, tmp_path, how):
+    import shutil
+
+    data, ckpt = setup
+    broken = shutil.copytree(ckpt, tmp_path / "broken")
+    damage(broken / "ema.safetensors", how)
+    code, out, err = mmar("evaluate", "--ckpt", broken, "--data", data / "test", "--out", tmp_path / "ev", *FAST)
+    assert_damage_reported(code, out, err, "ckpt", broken / "ema.safetensors", how)
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_a_test_shard_changed_after_tokenize_stops_evaluate_with_one_line(setup, tmp_path):
+    import shutil
+
+    data, ckpt = setup
+    test = shutil.copytree(data / "test", tmp_path / "test")
+    shard = sorted(test.glob("*.tar"))[0]
+    damage(shard, "altered")  # same size, other bytes
+    code, out, err = mmar("evaluate", "--ckpt", ckpt, "--data", test, "--out", tmp_path / "ev", *FAST)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in out + err, out + err
+    assert lines[0] == f"error: {shard}: sha256 does not match the manifest (the shard changed or is truncated " \
+                       "after tokenize); tokenize again"
+    assert not (tmp_path / "ev" / "metrics.json").exists()
 
 
 @pytest.mark.slow

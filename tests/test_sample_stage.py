@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 from mmar_cli.app import app
 from mmar_cli.config import GenerationConfig
 from mmar_cli.data.sequence import CAPTION, T2I, UNCOND, build_batch
+from mmar_cli.engine import checkpoint
 from mmar_cli.errors import UserError
 from mmar_cli.inference import load_checkpoint, newest_checkpoint, row_generators
-from tiny_checkpoint import make_checkpoint, make_data
+from tiny_checkpoint import DAMAGES, assert_damage_reported, damage, make_checkpoint, make_data
 
 PROMPTS = ["a large red circle at the top left", "a small blue cross in the center"]
 FAST = ["gen.iterations=2", "gen.diffusion_steps=2"]
@@ -215,9 +216,24 @@ def test_missing_weights_and_foreign_weights_are_refused(ckpt, tmp_path):
     with pytest.raises(UserError, match="has no model.safetensors"):
         load_checkpoint(str(broken))
     other = make_checkpoint(Path(ckpt).parents[1] / "data", tmp_path / "wide", model_overrides=["model.width=96"])
-    shutil.copy(other / "ema.safetensors", Path(shutil.copytree(ckpt, tmp_path / "mixed")) / "ema.safetensors")
+    mixed = Path(shutil.copytree(ckpt, tmp_path / "mixed"))
+    shutil.copy(other / "ema.safetensors", mixed / "ema.safetensors")
+    with pytest.raises(UserError, match=r"ema.safetensors is \d+ bytes, \d+ when written"):
+        load_checkpoint(str(mixed))  # another file than the one written there
+    checkpoint._write_checksums(mixed)  # as if it had been written so
     with pytest.raises(UserError, match="does not fit the model"):
-        load_checkpoint(str(tmp_path / "mixed"))
+        load_checkpoint(str(mixed))
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_checkpoint_stops_sample_with_one_line(ckpt, tmp_path, how):
+    import shutil
+
+    broken = Path(shutil.copytree(ckpt, tmp_path / "broken"))
+    damage(broken / "ema.safetensors", how)
+    code, out, err = mmar("sample", "--ckpt", broken, "-p", PROMPTS[0], "--out", tmp_path / "s", *FAST)
+    assert_damage_reported(code, out, err, "ckpt", broken / "ema.safetensors", how)
+    assert not (tmp_path / "s").exists()
 
 
 def test_default_checkpoint_is_the_newest_complete_final(ckpt, tmp_path):

@@ -91,6 +91,18 @@ def test_reader_refuses_missing_incomplete_and_tampered_dirs(tmp_path):
         shards.read_manifest(tmp_path)
 
 
+def test_iterate_samples_checks_each_shard_as_it_opens_it(tmp_path):
+    write_dir(tmp_path, counts=(3, 2))
+    path = tmp_path / "train-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[600] ^= 0xFF
+    path.write_bytes(bytes(data))
+    read = shards.iterate_samples(tmp_path)
+    assert [next(read)["key"] for _ in range(3)] == ["s-0000", "s-0001", "s-0002"]  # the first shard is intact
+    with pytest.raises(UserError, match=f"^{path}: sha256 does not match the manifest .*; tokenize again$"):
+        next(read)
+
+
 def test_check_compatible_names_both_hashes(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -1,5 +1,7 @@
-"""The sbatch templates agree with the configs they run: nodes and GPUs per node."""
+"""The sbatch templates agree with the configs they run (nodes, GPUs per node, --resume auto), and the
+requeue command a preempted run calls."""
 
+import os
 import re
 from pathlib import Path
 
@@ -50,3 +52,31 @@ def test_training_template_layout_matches_its_config(name):
 def test_tokenize_template_is_an_array_job():
     d = directives((ROOT / "configs" / "slurm" / "tokenize.sbatch").read_text())
     assert re.fullmatch(r"\d+-\d+", d["array"])
+
+
+def test_requeue_names_an_array_task_by_its_own_id(monkeypatch):
+    from mmar_cli.engine import slurm
+
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert slurm.job_id() is None  # not in a SLURM job: SIGUSR1 is left alone
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert slurm.job_id() == "4242"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    assert slurm.job_id() == "4240_2"
+
+
+def test_a_failed_requeue_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch):
+    from mmar_cli.engine import slurm
+    from mmar_cli.errors import UserError
+
+    stub = tmp_path / "scontrol"
+    stub.write_text('#!/bin/sh\necho "scontrol: error: Invalid job id specified" >&2\nexit 1\n')
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with pytest.raises(UserError) as e:
+        slurm.requeue("4242", tmp_path / "step-00000005")
+    assert str(e.value) == (f"preempted: {tmp_path / 'step-00000005'} is written, but `scontrol requeue 4242` failed "
+                            "(exit 1: scontrol: error: Invalid job id specified); submit the job again, it continues "
+                            "with --resume auto")

@@ -2,6 +2,7 @@
 finetune from a pretrain checkpoint, DDP on 2 CPU processes, and every bad input."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from mmar_cli.engine import checkpoint as ckpt
 from test_datamodule import make_shards
+from tiny_checkpoint import DAMAGES, assert_damage_reported, damage, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.width=64", "model.depth=2", "model.heads=2", "model.kv_heads=1", "model.mlp_hidden=128",
@@ -35,13 +37,45 @@ def shards(tmp_path_factory):
 
 
 def weights(path, name="model.safetensors"):
-    return load_file(str(Path(path, name)))
+    """A checkpoint's weights, read the one way (so their checksums are checked too)."""
+    return ckpt.load(path).weights(ema=name == "ema.safetensors")
+
+
+def trainer_state(path):
+    return ckpt.load(path).trainer_state()
 
 
 def assert_same(a, b, tol=1e-6):
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= tol, worst
+
+
+def assert_same_weights(a, b):
+    """Checkpoints `a` and `b` hold the same weights and EMA, within 1e-6."""
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_same(weights(a, name), weights(b, name))
+
+
+def run_straight(shards, out, ckpt_every):
+    """A 14-step pretraining run into `out`, uninterrupted; returns its arguments but --out."""
+    args = ["--data", str(shards), "--max-steps", "14", f"trainer.ckpt_every={ckpt_every}", "trainer.keep_last=10",
+            "trainer.num_workers=1", *TINY]
+    mmar("pretrain", "--out", str(out), *args)
+    return args
+
+
+def signal_at_step(out, args, step, signum, env=None):
+    """Start `mmar pretrain --out OUT ARGS`; once step-STEP is complete, send `signum` to its whole process
+    group (as SLURM signals every process of a job step, loader workers too). Returns the process."""
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", "--out", str(out), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    marker = out / ckpt.step_name(step) / "COMPLETE"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signum)
+    return proc
 
 
 @pytest.mark.slow
@@ -53,7 +87,7 @@ def test_pretrain_writes_the_checkpoint_layout(shards, tmp_path):
     final = sorted(p.name for p in (out / "final").iterdir())
     assert final == ["COMPLETE", "command.txt", "config.yaml", "ema.safetensors", "manifest.json",
                      "model.safetensors", "trainer.pt"]
-    state = torch.load(out / "final" / "trainer.pt", weights_only=True)
+    state = trainer_state(out / "final")
     assert state["step"] == 4 and state["data"]["batches_per_rank"] == 4
     assert "vocab_size: 264" in (out / "final" / "config.yaml").read_text()  # filled from the shards
     assert (out / "samples" / "final.png").is_file() and "caption:" in (out / "samples" / "final.txt").read_text()
@@ -62,25 +96,63 @@ def test_pretrain_writes_the_checkpoint_layout(shards, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(shards, tmp_path):
-    args = ["--data", str(shards), "--max-steps", "14", "trainer.ckpt_every=2", "trainer.keep_last=10",
-            "trainer.num_workers=1", *TINY]
-    mmar("pretrain", "--out", str(tmp_path / "straight"), *args)
+    args = run_straight(shards, tmp_path / "straight", ckpt_every=2)
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "stages.pretrain", "--out", str(out), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "step-00000004" / "COMPLETE"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert marker.exists() and not (out / "final").exists(), "the run was not killed mid-way"
+    signal_at_step(out, args, 4, signal.SIGKILL).communicate(timeout=240)
+    assert (out / "step-00000004").is_dir() and not (out / "final").exists(), "the run was not killed mid-way"
 
     resumed = mmar("pretrain", "--out", str(out), "--resume", "auto", *args)
     assert "resuming from" in resumed.stdout + resumed.stderr
-    assert_same(weights(tmp_path / "straight" / "final"), weights(out / "final"))
-    assert_same(weights(tmp_path / "straight" / "final", "ema.safetensors"), weights(out / "final", "ema.safetensors"))
+    assert_same_weights(tmp_path / "straight" / "final", out / "final")
+
+
+@pytest.mark.slow
+def test_resume_auto_passes_over_damaged_checkpoints_and_still_ends_exactly(shards, tmp_path):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--data", str(shards), "--max-steps", "6", "trainer.ckpt_every=2",
+            "trainer.keep_last=10", "trainer.num_workers=1", *TINY]
+    mmar("pretrain", *args)
+    straight = shutil.copytree(out / "final", tmp_path / "straight")
+    damage(out / "final" / "model.safetensors", "altered")
+    damage(out / "step-00000004" / "trainer.pt", "truncated")
+
+    resumed = mmar("pretrain", "--resume", "auto", *args)
+    said = resumed.stdout + resumed.stderr
+    assert "warning: --resume auto: passed over damaged checkpoints (final: model.safetensors altered; " \
+           f"step-00000004: trainer.pt truncated); resuming from {out / 'step-00000002'}, the newest intact one" in said
+    assert f"resuming from {out / 'step-00000002'} (step 2)" in said
+    assert trainer_state(out / "final")["step"] == 6
+    assert_same_weights(straight, out / "final")  # steps 3-6 trained again, exactly
+
+
+@pytest.mark.slow
+def test_sigusr1_under_slurm_checkpoints_requeues_and_resumes_exactly(shards, tmp_path):
+    args = run_straight(shards, tmp_path / "straight", ckpt_every=4)
+
+    calls = tmp_path / "scontrol-calls.txt"
+    stub = tmp_path / "bin" / "scontrol"  # records its arguments, as `scontrol requeue` would get them
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NAME": "mmar-pretrain", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_NODEID": "0"}
+    out = tmp_path / "preempted"
+    proc = signal_at_step(out, args, 4, signal.SIGUSR1, env=env)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, output
+    assert calls.read_text() == "requeue 4242\n"
+    steps = [int(p.name.removeprefix("step-")) for p in out.glob("step-*")]
+    assert 4 < max(steps) < 14 and not (out / "final").exists(), steps
+    last = out / f"step-{max(steps):08d}"
+    assert f"preempted at step {max(steps)}: wrote {last} and requeued SLURM job 4242" in output
+    assert trainer_state(last)["step"] == max(steps)
+
+    requeued = mmar("pretrain", "--out", str(out), "--resume", "auto", *args, env=env)
+    assert f"resuming from {last} (step {max(steps)})" in requeued.stdout + requeued.stderr
+    assert calls.read_text() == "requeue 4242\n"  # the requeued run ran to the end: no second requeue
+    assert_same_weights(tmp_path / "straight" / "final", out / "final")
 
 
 @pytest.mark.slow
@@ -103,7 +175,7 @@ def test_ddp_on_two_cpu_processes(shards, tmp_path):
          "trainer.devices=2", "trainer.log_keys=true", "trainer.num_workers=0", *TINY)
     seen = [set((out / f"keys-rank{r}.txt").read_text().split()) for r in range(2)]
     assert len(seen[0]) >= 4 and len(seen[1]) >= 4 and not seen[0] & seen[1]
-    state = torch.load(out / "final" / "trainer.pt", weights_only=True)
+    state = trainer_state(out / "final")
     assert state["step"] == 3 and state["data"]["world_size"] == 2
     assert len(weights(out / "final")) > 0 and not list(out.glob(".tmp-*"))
 
@@ -167,7 +239,7 @@ def test_used_output_directory_is_refused_unless_resume_or_overwrite(shards, tmp
         run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=1")
     assert run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=1", "resume=auto") == out / "final"
     assert run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=2", overwrite=True) == out / "final"
-    assert torch.load(out / "final" / "trainer.pt", weights_only=True)["step"] == 2
+    assert trainer_state(out / "final")["step"] == 2
 
 
 @pytest.mark.slow
@@ -191,6 +263,23 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(shards, tmp_path, m
         run_in_process(f"data={shards}", f"out={out}", "trainer.max_steps=10", "trainer.ckpt_every=2")
     assert "step-00000002" in str(e.value)
     assert (out / "step-00000002" / "COMPLETE").exists() and not (out / "final").exists()
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("option", ["--init", "--resume"])
+def test_a_damaged_init_or_resume_checkpoint_is_one_line(shards, tmp_path, option, how):
+    from typer.testing import CliRunner
+
+    from mmar_cli.app import app
+
+    ckpt = make_checkpoint(shards.parent, tmp_path / "pre")
+    damaged = ckpt / ("model.safetensors" if option == "--init" else "trainer.pt")
+    damage(damaged, how)
+    stage = "finetune" if option == "--init" else "pretrain"
+    result = CliRunner().invoke(app, [stage, option, str(ckpt), "--data", str(shards), "--out", str(tmp_path / "o"),
+                                      *TINY])
+    assert_damage_reported(result.exit_code, result.stdout, result.stderr, option[2:], damaged, how)
+    assert not (tmp_path / "o" / "final").exists()
 
 
 def test_cli_error_is_one_line(tmp_path):

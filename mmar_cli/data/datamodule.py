@@ -3,8 +3,9 @@
     shard list, shuffled by (seed, epoch)
       -> split by rank, then by data-loader worker (resampled at random when there are fewer shards than
          ranks x workers, so every worker has data)
-      -> samples (corrupt tars and samples are skipped and counted) -> decode; shards of a dataset of at
-         most CACHE_MB on disk are read and decoded once per worker and replayed from memory after
+      -> samples (a shard whose sha256 differs from the manifest's, corrupt tars and samples are skipped and
+         counted) -> decode; shards of a dataset of at most CACHE_MB on disk are read and decoded once per
+         worker and replayed from memory after
       -> a task for each sample (text->image, caption, question->answer, unconditional), drawn from
          TaskMixConfig; samples whose text does not fit the layout are skipped and counted; a sample with
          mirrored tokens (tokenize's image_tokenizer.flip) reads them or the image's at random, for any
@@ -21,8 +22,9 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import signal
 import warnings
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import lightning as L
 import torch
@@ -31,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, Layout, build_batch
+from mmar_cli.data.shards import verify_shard
 from mmar_cli.errors import UserError
 
 SHUFFLE_BUFFER = 256  # samples; the shard order is shuffled too
@@ -93,12 +96,17 @@ def batches_before(step: int, worker: int, num_workers: int) -> int:
 # --------------------------------------------------------------------------------------------------
 class TokenBatches(IterableDataset):
     """Infinite stream of collated batches for one rank. `start_batch`: batches this rank already trained
-    on (skipped on resume). Each batch also carries the sample `keys` and the counters `skipped_long` and
-    `corrupt` (samples dropped since the previous batch)."""
+    on (skipped on resume). `checksums`: shard -> the sha256 its manifest records; a worker hashes each
+    shard when it first opens it and skips one that differs. Each batch also carries the sample `keys` and
+    the counters `skipped_long` and `corrupt` (samples, tars or changed shards dropped since the previous
+    batch)."""
 
     def __init__(self, shards: List[str], tok, layout: Layout, mix, batch_size: int, seed: int,
-                 rank: int = 0, world: int = 1, start_batch: int = 0, decode=None):
+                 rank: int = 0, world: int = 1, start_batch: int = 0, decode=None,
+                 checksums: Optional[Dict[str, str]] = None):
         self.shards = list(shards)
+        self.checksums = checksums
+        self._verified: set = set()  # per worker: each shard is hashed once
         # a plain dataclass: DictConfig attribute access is too slow for once per sample
         self.tok, self.layout = tok, layout
         self.mix = OmegaConf.to_object(mix) if isinstance(mix, DictConfig) else mix
@@ -116,6 +124,10 @@ class TokenBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            # SLURM signals every process of a job step; only the main process acts on a preemption
+            # (`engine.slurm`), and a worker started by spawn or forkserver would die of it
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         skip = batches_before(self.start_batch, worker, num_workers)
         counts = {"skipped_long": 0, "corrupt": 0}
         for samples in self._sample_batches(worker, num_workers, counts):
@@ -185,7 +197,15 @@ class TokenBatches(IterableDataset):
                 self._cache[url] = [e.with_traceback(None) if isinstance(e, Exception) else e for e in items]
 
     def _read(self, url: str) -> Iterator:
-        """One shard from disk: its decoded samples, and the errors of the tar or of a sample in order."""
+        """One shard from disk: its decoded samples, and the errors of the tar or of a sample in order (or
+        only the error of a shard whose bytes changed since tokenize)."""
+        if self.checksums is not None and url not in self._verified:
+            try:
+                verify_shard(url, self.checksums[url])
+            except UserError as e:
+                yield e
+                return
+            self._verified.add(url)
         errors: list = []
         for raw in wds.tariterators.tarfile_samples([{"url": url}], handler=lambda e: errors.append(e) or True):
             yield from errors
@@ -222,9 +242,10 @@ class TokenBatches(IterableDataset):
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Training batches from `shards` for this rank; `start_batch` is the resume position."""
+    """Training batches for this rank from `shards` (`shards.shard_checksums`: each shard file with its
+    manifest's sha256, checked as the loader opens it); `start_batch` is the resume position."""
 
-    def __init__(self, shards: List[str], tok, layout: Layout, cfg, start_batch: int = 0):
+    def __init__(self, shards: Dict[str, str], tok, layout: Layout, cfg, start_batch: int = 0):
         super().__init__()
         self.shards, self.tok, self.layout, self.cfg = shards, tok, layout, cfg
         self.start_batch = start_batch
@@ -232,8 +253,8 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         t = self.cfg.trainer
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        data = TokenBatches(self.shards, self.tok, self.layout, self.cfg.tasks, t.batch_size, t.seed,
-                            rank=rank, world=world, start_batch=self.start_batch)
+        data = TokenBatches(list(self.shards), self.tok, self.layout, self.cfg.tasks, t.batch_size, t.seed,
+                            rank=rank, world=world, start_batch=self.start_batch, checksums=self.shards)
         return DataLoader(data, batch_size=None, num_workers=t.num_workers,
                           persistent_workers=False, prefetch_factor=2 if t.num_workers else None)
 

@@ -12,7 +12,8 @@ open_clip's convention), the tokenizers' files and `manifest.json`. Each sample 
 
 `key` is the sample's identity in its input (see mmar_cli/data/sources.py), never a running number.
 A shard is written under `<file>.tmp` and renamed once complete; the manifest is written last (also via a
-temporary name), so an interrupted run never leaves a directory that looks finished.
+temporary name), so an interrupted run never leaves a directory that looks finished. Its sha256 is in the
+manifest, and a reader hashes each shard as it opens it (`verify_shard`): only the shards read are hashed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 
@@ -165,9 +166,16 @@ def read_manifest(directory: str | Path, verify: bool = False) -> dict:
         file = directory / shard["file"]
         if not file.is_file():
             raise UserError(f"{directory}: shard {shard['file']} listed in the manifest is missing")
-        if verify and file_sha256(file) != shard["sha256"]:
-            raise UserError(f"{file}: sha256 does not match the manifest (the shard changed or is truncated)")
+        if verify:
+            verify_shard(file, shard["sha256"])
     return manifest
+
+
+def verify_shard(path: str | Path, sha256: str) -> None:
+    """The shard's bytes are those its manifest recorded (a one-line UserError naming it otherwise)."""
+    if file_sha256(path) != sha256:
+        raise UserError(f"{path}: sha256 does not match the manifest (the shard changed or is truncated after "
+                        "tokenize); tokenize again")
 
 
 def tokenizer_manifest(directory: str | Path) -> dict:
@@ -175,9 +183,14 @@ def tokenizer_manifest(directory: str | Path) -> dict:
     return _load_manifest(Path(directory))
 
 
+def shard_checksums(directory: str | Path) -> Dict[str, str]:
+    """The shard files of a complete directory, in the manifest's order, each with its recorded sha256."""
+    return {str(Path(directory, s["file"])): s["sha256"] for s in read_manifest(directory)["shards"]}
+
+
 def shard_paths(directory: str | Path) -> List[str]:
     """The shard files of a complete directory, in the manifest's order."""
-    return [str(Path(directory, s["file"])) for s in read_manifest(directory)["shards"]]
+    return list(shard_checksums(directory))
 
 
 def _value(sample: dict, *names: str):
@@ -238,11 +251,14 @@ def decode_sample(sample: dict) -> dict:
 
 
 def iterate_samples(directory: str | Path) -> Iterator[dict]:
-    """Every sample of a complete shard directory, decoded (`decode_sample`), in the manifest's order."""
+    """Every sample of a complete shard directory, decoded (`decode_sample`), in the manifest's order; each
+    shard is checked against its sha256 when it is opened, so a reader that stops early hashes no more."""
     import webdataset as wds
 
-    for raw in wds.WebDataset(shard_paths(directory), shardshuffle=False, empty_check=False):
-        yield decode_sample(raw)
+    for path, sha256 in shard_checksums(directory).items():
+        verify_shard(path, sha256)
+        for raw in wds.WebDataset([path], shardshuffle=False, empty_check=False):
+            yield decode_sample(raw)
 
 
 def check_compatible(a: dict, b: dict) -> None:

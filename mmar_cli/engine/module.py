@@ -74,19 +74,19 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 class TrainModule(L.LightningModule):
     """`start_step`: the global step a resumed run starts at (the Lightning trainer counts from 0).
-    `resume_state`: trainer.pt of the checkpoint to resume (optimizer and scheduler are restored once the
-    trainer has built them). `keys_log`: a file per rank that lists the sample keys of every batch."""
+    `optimizer_state`: the optimizer and scheduler states of a resumed run, loaded once the trainer has
+    built them (`checkpoint.restore` sets both). `keys_log`: a file per rank that lists the sample keys
+    of every batch."""
 
-    def __init__(self, cfg, model: nn.Module, start_step: int = 0, resume_state: Optional[dict] = None,
-                 keys_log: Optional[str] = None):
+    def __init__(self, cfg, model: nn.Module, keys_log: Optional[str] = None):
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.ema = EMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
-        self.start_step = start_step
-        self.resume_state = resume_state
+        self.start_step = 0
+        self.optimizer_state: Optional[dict] = None
         self.keys_log = keys_log
-        self.counts = dict(resume_state["counts"]) if resume_state else {k: 0 for k in COUNTERS}
+        self.counts = {k: 0 for k in COUNTERS}
         self._last_time: Optional[float] = None
 
     @property
@@ -110,10 +110,10 @@ class TrainModule(L.LightningModule):
     def on_train_start(self):
         if self.global_rank != 0:  # the saved counters are totals over ranks: rank 0 carries them on
             self.counts = {k: 0 for k in COUNTERS}
-        if self.resume_state is not None:
-            self.trainer.strategy.load_optimizer_state_dict({"optimizer_states": [self.resume_state["optimizer"]]})
-            self.lr_schedulers().load_state_dict(self.resume_state["scheduler"])
-            self.resume_state = None
+        if self.optimizer_state is not None:
+            self.trainer.strategy.load_optimizer_state_dict({"optimizer_states": [self.optimizer_state["optimizer"]]})
+            self.lr_schedulers().load_state_dict(self.optimizer_state["scheduler"])
+            self.optimizer_state = None
 
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
