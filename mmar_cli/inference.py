@@ -18,6 +18,7 @@ import torch
 
 from mmar_cli.data.sequence import CAPTION, IGNORE, QA, T2I, UNCOND, Layout, build_batch, encode_prefix, encode_suffix
 from mmar_cli.errors import UserError, warn
+from mmar_cli.seeding import derived_seed, generator
 
 RUNS = Path("runs")
 
@@ -172,10 +173,9 @@ def row_generators(seed: int, first_row: int, count: int, candidate: int = 0) ->
     """CPU generators, one per row, seeded from (seed, row) so rows never share a stream; candidate k > 0
     of a row (gen.candidates) from (seed, row, k)."""
     def entropy(row):
-        return [seed, row] + ([candidate] if candidate else [])
+        return (seed, row) + ((candidate,) if candidate else ())
 
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence(entropy(row)).generate_state(1)[0]))
-            for row in range(first_row, first_row + count)]
+    return [generator(derived_seed(*entropy(row))) for row in range(first_row, first_row + count)]
 
 
 def load_checkpoint(ckpt: Optional[str], ema: bool = True, device: Optional[str] = None) -> InferenceModel:

@@ -31,6 +31,7 @@ from mmar_cli.engine import slurm
 from mmar_cli.engine.log_lines import LogLines, StepProgressBar
 from mmar_cli.engine.module import MODEL_KEYS, NonFiniteLoss, TrainModule
 from mmar_cli.errors import UserError, warn
+from mmar_cli.seeding import generator, seed_run, seed_torch
 
 # Model keys a finetune may change; every other model key (the architecture) comes from `init`.
 TRAINING_MODEL_KEYS = ("mask_min", "mask_std", "known_noise", "caption_noise", "grad_checkpointing")
@@ -125,7 +126,7 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
     if resume:
         _compatible(resume.manifest, manifest, f"resume checkpoint {resume.path} vs data {cfg.data}")
 
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    seed_run(cfg.trainer.seed)
     model = build_model(cfg, init=None if resume else init)
     keys_log = str(out / "keys") if cfg.trainer.log_keys else None
     module = TrainModule(cfg, model, keys_log=keys_log)
@@ -250,11 +251,10 @@ class Previews(L.Callback):
             tasks = [T2I] * len(samples) + [CAPTION] * len(samples)
             batch = build_batch(self.tok, lay, tasks, captions * 2, [None] * len(samples) + captions,
                                 torch.cat([images, images]))
-            torch.manual_seed(self.cfg.trainer.seed)
+            seed_torch(self.cfg.trainer.seed)
             val_loss = float(model({k: batch[k].to(dev) for k in MODEL_KEYS})["loss"])
             prompts = torch.stack([encode_prefix(self.tok, T2I, c, lay) for c in captions]).to(dev)
-            gen = torch.Generator().manual_seed(self.cfg.trainer.seed)
-            made = model.generate_images(prompts, None, self.gen, s.boi, gen, pad_id=s.pad)
+            made = model.generate_images(prompts, None, self.gen, s.boi, generator(self.cfg.trainer.seed), pad_id=s.pad)
             cap_prefix = torch.stack([encode_prefix(self.tok, CAPTION, "", lay)] * len(samples)).to(dev)
             written = model.generate_text(images, cap_prefix, self.gen, s.boi, s.eoi, s.eos, pad_id=s.pad)
         model.train()

@@ -27,14 +27,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import lightning as L
-import numpy as np
 import torch
 import yaml
 from omegaconf import OmegaConf
@@ -44,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from mmar_cli.data.shards import file_sha256
 from mmar_cli.engine import slurm
 from mmar_cli.errors import UserError, warn
+from mmar_cli.seeding import rng_state, set_rng_state
 
 COMPLETE = "COMPLETE"
 CHECKSUMS_FORMAT = 1
@@ -300,28 +299,6 @@ def restore(checkpoint: Checkpoint, module, data) -> dict:
     data.start_batch = state["data"]["batches_per_rank"]
     set_rng_state(state["rng"])
     return state
-
-
-# --------------------------------------------------------------------------------------------------
-# RNG states as tensors and plain types (so trainer.pt loads with weights_only=True)
-# --------------------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
 # --------------------------------------------------------------------------------------------------

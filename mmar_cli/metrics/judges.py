@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmar_cli import __version__
+from mmar_cli import __version__, seeding
 from mmar_cli.data.checker import ATTRIBUTES
 from mmar_cli.errors import UserError
 
@@ -127,16 +127,14 @@ def train_classifier(inputs: torch.Tensor, targets: np.ndarray, classes: int, se
     """AdamW with a one-cycle LR on shifted copies of `inputs` (`to_judge_input`'s), a fixed number of
     steps, seeded: the same data and seed give the same judge."""
     r = RECIPE
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # init and dropout
+    generator = seeding.generator(seed)
+    with seeding.forked(seed):  # init and dropout
         model = SmallCNN(classes)
     x, y = inputs, torch.from_numpy(targets).long()
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"], pct_start=0.15)
     model.train()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with seeding.forked(seed):
         order, at = torch.randperm(len(x), generator=generator), 0
         for _ in range(r["steps"]):
             if at + r["batch_size"] > len(x):  # a new pass over the data, in a new order

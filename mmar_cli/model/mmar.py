@@ -10,7 +10,7 @@ image information.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -21,9 +21,7 @@ from mmar_cli.model.attention_mask import build_attention_mask
 from mmar_cli.model.backbone import Backbone
 from mmar_cli.model.diffusion import GaussianDiffusion, cfg_combine
 from mmar_cli.model.diffusion_head import DiffusionHead
-
-Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
-
+from mmar_cli.seeding import Generators, draw_device, per_row, randn_rows
 
 # --------------------------------------------------------------------------------------------------
 # Image embedding layers
@@ -80,28 +78,8 @@ class VisProjector(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Random helpers (global RNG, one generator, or one generator per row)
+# Random draws and schedules
 # --------------------------------------------------------------------------------------------------
-def _row_generators(generator: Generators, rows: int) -> list:
-    """One generator (or None) per row. A list gives rows their own streams, so a row's draws do not
-    depend on which other rows share its batch."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return [generator] * rows
-    if len(generator) != rows:
-        raise ValueError(f"{len(generator)} generators for {rows} rows")
-    return list(generator)
-
-
-def _randn_rows(gens: list, shape: tuple, device) -> torch.Tensor:
-    """[rows, *shape] standard normal, row i drawn from gens[i]."""
-    return torch.stack([torch.randn(shape, generator=g, device=_device(g, device)) for g in gens]).to(device)
-
-
-def _device(generator: Optional[torch.Generator], default):
-    """Draws from a generator must happen on its device (a CPU generator keeps CUDA runs reproducible)."""
-    return default if generator is None else generator.device
-
-
 def truncated_normal(n: int, mean: float, std: float, low: float, high: float, device=None,
                      generator=None) -> torch.Tensor:
     """[n] draws of N(mean, std) truncated to [low, high] (inverse CDF)."""
@@ -149,7 +127,7 @@ def _sample_text(logits: torch.Tensor, gen, gens: list) -> torch.Tensor:
         drop = probs.cumsum(-1) - probs > gen.top_p  # keep the smallest set whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(probs[i].to(_device(g, probs.device)), 1, generator=g).to(probs.device)
+    return torch.cat([torch.multinomial(probs[i].to(draw_device(g, probs.device)), 1, generator=g).to(probs.device)
                       for i, g in enumerate(gens)])
 
 
@@ -328,7 +306,7 @@ class MMAR(nn.Module):
         guided = uncond_ids is not None and gen.cfg != 1.0
         rows = torch.cat((prefix_ids, uncond_ids)) if guided else prefix_ids
         R, P = rows.shape[0], lay.prefix_len
-        gens = _row_generators(generator, B)
+        gens = per_row(generator, B)
 
         valid = torch.ones(R, lay.gen_len, dtype=torch.bool, device=dev)
         valid[:, :P] = rows != pad_id
@@ -338,7 +316,7 @@ class MMAR(nn.Module):
         self.backbone(self.backbone.embed_tokens(rows), positions[:P], mask[:, :, :P, :P], cache)
         boi = self.backbone.embed_tokens(torch.full((R, 1), boi_id, device=dev))
 
-        orders = torch.stack([torch.randperm(N, generator=g, device=_device(g, dev)).to(dev)
+        orders = torch.stack([torch.randperm(N, generator=g, device=draw_device(g, dev)).to(dev)
                               for g in gens])
         tokens = torch.zeros(B, N, D, device=dev)
         known = torch.zeros(B, N, dtype=torch.bool, device=dev)
@@ -363,7 +341,7 @@ class MMAR(nn.Module):
                 return cfg_combine(pred[:B], pred[B:], scale) if guided else pred
 
             shape = (idx.shape[1], D)  # each row's noise from its own generator
-            values = self.diffusion.sample(denoise, lambda: _randn_rows(gens, shape, dev), gen.diffusion_steps,
+            values = self.diffusion.sample(denoise, lambda: randn_rows(gens, shape, dev), gen.diffusion_steps,
                                            gen.sampler, iteration_temperature(gen, step, iterations),
                                            self.cfg.token_bound)
             tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, D), values.to(tokens.dtype))
@@ -386,7 +364,7 @@ class MMAR(nn.Module):
         """
         lay = self.layout
         B, dev = prefix_ids.shape[0], prefix_ids.device
-        gens = _row_generators(generator, B)
+        gens = per_row(generator, B)
         ids = torch.full((B, lay.length), pad_id, dtype=torch.long, device=dev)
         ids[:, :lay.prefix_len] = prefix_ids
         ids[:, lay.boi], ids[:, lay.eoi] = boi_id, eoi_id
