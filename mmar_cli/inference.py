@@ -16,7 +16,8 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from mmar_cli.data.sequence import CAPTION, IGNORE, QA, T2I, UNCOND, Layout, build_batch, encode_prefix, encode_suffix
+from mmar_cli.data.sequence import (CAPTION, IGNORE, QA, T2I, UNCOND, Layout, build_batch, encode_prefix, fits, prefix_ids,
+                                   suffix_ids)
 from mmar_cli.errors import UserError, warn
 from mmar_cli.seeding import derived_seed, generator
 
@@ -77,13 +78,23 @@ class InferenceModel:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=gen.precision == "bf16")
 
     # ---------------------------------------------------------------------------------------------
+    def prompt_error(self, task: int, text: Optional[str], what: str = "prompt") -> Optional[str]:
+        """Why `text` cannot be the prefix of `task` (empty, or longer than the model's prefix), or None."""
+        if task in (T2I, QA) and (not text or not text.strip()):
+            return f"empty {what}: give some text (e.g. 'a large red circle at the top left')"
+        if not fits(self.text_tok, self.layout, task, text):
+            n = len(prefix_ids(self.text_tok, task, text))
+            return (f"{what} is {n} tokens with its markers but the model's prefix holds {self.layout.prefix_len} "
+                    f"(model.max_prefix_len): '{text[:60]}'")
+        return None
+
     def encode(self, task: int, texts: Sequence[str], what: str = "prompt") -> torch.Tensor:
         """[B, P] left-padded prefixes; an empty prompt or one longer than the model's prefix is refused."""
-        if task in (T2I, QA):
-            for text in texts:
-                if not text or not text.strip():
-                    raise UserError(f"empty {what}: give some text (e.g. 'a large red circle at the top left')")
-        return torch.stack([encode_prefix(self.text_tok, task, text, self.layout, what) for text in texts])
+        for text in texts:
+            error = self.prompt_error(task, text, what)
+            if error is not None:
+                raise UserError(error)
+        return torch.stack([encode_prefix(self.text_tok, task, text, self.layout) for text in texts])
 
     @torch.no_grad()
     def text_to_image(self, prompts: Sequence[str], gen, seed: int, batch_size: int,
@@ -126,8 +137,8 @@ class InferenceModel:
 
     def _check_captions(self, captions: Sequence[str]) -> None:
         for text in captions:
-            if encode_suffix(self.text_tok, text, self.layout) is None:
-                n = len(self.text_tok.encode(text)) + 1
+            if not fits(self.text_tok, self.layout, CAPTION, answer=text):
+                n = len(suffix_ids(self.text_tok, text))
                 raise UserError(f"gen.candidates ranks images by how likely the model captions them with the prompt, "
                                 f"but '{text[:60]}' is {n} tokens with EOS and the model's caption holds "
                                 f"{self.layout.suffix_len} (model.max_suffix_len); use gen.candidates=1")

@@ -47,6 +47,7 @@ from mmar_cli import __version__
 from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console, handle_errors,
                                  single_command_app)
 from mmar_cli.config import EvaluateConfig, to_container
+from mmar_cli.data.sequence import QA, T2I
 from mmar_cli.errors import UserError
 from mmar_cli.machine import machine
 from mmar_cli.metrics import accuracy, diversity, fid, judges, recon, seams
@@ -250,7 +251,8 @@ def run(cfg) -> dict:
     notes = []
     if len(samples) < cfg.num_samples:
         notes.append(f"{data} holds {len(samples)} samples, fewer than num_samples={cfg.num_samples}")
-    fitting = [s for s in samples if _fits_prompt(model, s)]
+    fitting = [s for s in samples if model.prompt_error(T2I, s["caption"]) is None
+               and not (s["question"] and model.prompt_error(QA, s["question"]))]
     if len(fitting) < len(samples):
         notes.append(f"{len(samples) - len(fitting)} samples skipped: caption or question longer than the "
                      f"model's prefix ({model.layout.prefix_len} tokens)")
@@ -411,18 +413,6 @@ def _groups(samples: List[dict], label_key: str) -> tuple[list, str]:
     if all(label is not None for label in labels):
         return labels, "class"
     return [s["caption"] for s in samples], "prompt"
-
-
-def _fits_prompt(model, sample: dict) -> bool:
-    from mmar_cli.data.sequence import QA, T2I
-
-    try:
-        model.encode(T2I, [sample["caption"]])
-        if sample["question"]:
-            model.encode(QA, [sample["question"]])
-    except UserError:
-        return False
-    return True
 
 
 @handle_errors

@@ -24,8 +24,8 @@ from PIL import Image
 from mmar_cli.cli_common import CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console
 from mmar_cli.config import to_yaml
 from mmar_cli.data import shards as shard_io
-from mmar_cli.data.datamodule import ShardDataModule, fits
-from mmar_cli.data.sequence import CAPTION, T2I, build_batch, encode_prefix
+from mmar_cli.data.datamodule import ShardDataModule
+from mmar_cli.data.sequence import CAPTION, T2I, build_batch, encode_prefix, fits
 from mmar_cli.engine import checkpoint as ckpt
 from mmar_cli.engine import slurm
 from mmar_cli.engine.log_lines import LogLines, StepProgressBar
@@ -230,7 +230,7 @@ class Previews(L.Callback):
         decoded = []
         for raw in wds.tariterators.tarfile_samples([{"url": self.shards[0]}], handler=wds.warn_and_continue):
             s = shard_io.decode_sample(raw)
-            if fits(self.tok, layout, T2I, s["caption"], None) and fits(self.tok, layout, CAPTION, "", s["caption"]):
+            if fits(self.tok, layout, T2I, s["caption"]) and fits(self.tok, layout, CAPTION, answer=s["caption"]):
                 decoded.append(s)
             if len(decoded) == PREVIEW_ROWS:
                 break
