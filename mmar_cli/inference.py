@@ -19,6 +19,7 @@ import torch
 from mmar_cli.data.sequence import (CAPTION, IGNORE, QA, T2I, UNCOND, Layout, build_batch, encode_prefix, fits, prefix_ids,
                                    suffix_ids)
 from mmar_cli.errors import UserError, warn
+from mmar_cli.model.generate import generate_images, generate_text
 from mmar_cli.seeding import derived_seed, generator
 
 RUNS = Path("runs")
@@ -106,7 +107,6 @@ class InferenceModel:
         first_row + i, k), and keeps the one whose caption the model finds likeliest to be the prompt
         (`caption_log_likelihood`): the understanding half judges the generating half. Candidate 0 is
         the image K = 1 gives."""
-        s = self.text_tok.specials
         prefix = self.encode(T2I, prompts)
         if gen.candidates > 1:
             self._check_captions(prompts)
@@ -119,7 +119,7 @@ class InferenceModel:
             for k in range(gen.candidates):
                 gens = row_generators(seed, first_row + start, len(rows), candidate=k)
                 with self.autocast(gen):
-                    tokens = self.model.generate_images(rows, un, gen, s.boi, gens, pad_id=s.pad).float()
+                    tokens = generate_images(self.model, rows, un, gen, gens).float()
                 if gen.candidates == 1:
                     best = tokens
                     break
@@ -164,7 +164,6 @@ class InferenceModel:
                       progress: Optional[Callable[[int], None]] = None) -> List[str]:
         """A caption for each image whose question is None, else the answer to its question.
         `progress(n)` is called after each batch with its number of rows."""
-        s = self.text_tok.specials
         prefix = torch.stack([encode_prefix(self.text_tok, CAPTION, "", self.layout) if q is None
                               else self.encode(QA, [q], "question")[0] for q in questions])
         texts: List[str] = []
@@ -173,7 +172,7 @@ class InferenceModel:
             tokens = torch.as_tensor(image_tokens[start:start + batch_size]).float().to(self.device)
             gens = row_generators(seed, start, len(rows))
             with self.autocast(gen):
-                out = self.model.generate_text(tokens, rows, gen, s.boi, s.eoi, s.eos, use_cache, gens, pad_id=s.pad)
+                out = generate_text(self.model, tokens, rows, gen, gens, use_cache)
             texts += [self.text_tok.decode(ids).strip() for ids in out]
             if progress is not None:
                 progress(len(rows))
@@ -209,7 +208,7 @@ def load_checkpoint(ckpt: Optional[str], ema: bool = True, device: Optional[str]
 
     text_tok, image_tok = load_tokenizers(path)
     cfg = resolve(opened.config.model)
-    model = MMAR(cfg)
+    model = MMAR(cfg, text_tok.specials)
     try:
         model.load_state_dict(opened.weights(ema))
     except RuntimeError as e:

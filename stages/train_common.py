@@ -31,6 +31,7 @@ from mmar_cli.engine import slurm
 from mmar_cli.engine.log_lines import LogLines, StepProgressBar
 from mmar_cli.engine.module import MODEL_KEYS, NonFiniteLoss, TrainModule
 from mmar_cli.errors import UserError, warn
+from mmar_cli.model.generate import generate_images, generate_text
 from mmar_cli.seeding import generator, seed_run, seed_torch
 
 # Model keys a finetune may change; every other model key (the architecture) comes from `init`.
@@ -127,7 +128,7 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
         _compatible(resume.manifest, manifest, f"resume checkpoint {resume.path} vs data {cfg.data}")
 
     seed_run(cfg.trainer.seed)
-    model = build_model(cfg, init=None if resume else init)
+    model = build_model(cfg, tok.specials, init=None if resume else init)
     keys_log = str(out / "keys") if cfg.trainer.log_keys else None
     module = TrainModule(cfg, model, keys_log=keys_log)
     data = ShardDataModule(shards, tok, model.layout, cfg)
@@ -185,11 +186,11 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
     return out / "final"
 
 
-def build_model(cfg, init: Optional[ckpt.Checkpoint] = None):
+def build_model(cfg, specials, init: Optional[ckpt.Checkpoint] = None):
     """MMAR from the resolved config, with Qwen2 backbone weights or an `init` checkpoint's weights."""
     from mmar_cli.model.mmar import MMAR
 
-    model = MMAR(cfg.model)
+    model = MMAR(cfg.model, specials)
     model.w_img, model.w_txt = cfg.tasks.w_img, cfg.tasks.w_txt
     if init is not None:
         model.load_state_dict(init.weights())
@@ -243,7 +244,7 @@ class Previews(L.Callback):
         samples = self._samples(model.layout)
         if not samples:
             return None
-        s, lay = self.tok.specials, model.layout
+        lay = model.layout
         captions = [x["caption"] for x in samples]
         images = torch.stack([torch.as_tensor(x["tokens"]).float() for x in samples]).to(dev)
         model.eval()
@@ -254,9 +255,9 @@ class Previews(L.Callback):
             seed_torch(self.cfg.trainer.seed)
             val_loss = float(model({k: batch[k].to(dev) for k in MODEL_KEYS})["loss"])
             prompts = torch.stack([encode_prefix(self.tok, T2I, c, lay) for c in captions]).to(dev)
-            made = model.generate_images(prompts, None, self.gen, s.boi, generator(self.cfg.trainer.seed), pad_id=s.pad)
+            made = generate_images(model, prompts, None, self.gen, generator(self.cfg.trainer.seed))
             cap_prefix = torch.stack([encode_prefix(self.tok, CAPTION, "", lay)] * len(samples)).to(dev)
-            written = model.generate_text(images, cap_prefix, self.gen, s.boi, s.eoi, s.eos, pad_id=s.pad)
+            written = generate_text(model, images, cap_prefix, self.gen)
         model.train()
         self.dir.mkdir(parents=True, exist_ok=True)
         truth = self.image_tok.decode(images.float().cpu())
