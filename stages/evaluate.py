@@ -51,8 +51,8 @@ from mmar_cli.data.sequence import QA, T2I
 from mmar_cli.errors import UserError
 from mmar_cli.machine import machine
 from mmar_cli.metrics import accuracy, diversity, fid, judges, recon, seams
+from mmar_cli.pictures import image_grid, save_png
 from mmar_cli.progress import progress
-from stages.sample import image_grid, save_png
 
 SCHEMA = EvaluateConfig
 REPORT_ROWS = 16  # samples shown in report.md's tables

@@ -12,7 +12,7 @@ from mmar_cli.config import (STAGES, FinetuneConfig, TokenizeConfig, TrainConfig
                               load_preset)
 from mmar_cli.errors import UserError
 from mmar_cli.model.presets import resolve
-from stages.train_common import TRAINING_MODEL_KEYS
+from mmar_cli.model.factory import TRAINING_MODEL_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")

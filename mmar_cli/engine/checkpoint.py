@@ -1,5 +1,5 @@
 """Checkpoint directories, `{out}/step-00001000/` and `{out}/final/`: the one way to write them (`save`,
-`CheckpointWriter`), open them (`load`) and resume from them (`find_resume`, `restore`).
+`CheckpointWriter`), open them (`load`) and resume from them (`prepare_out`, `find_resume`, `restore`).
 
 Each holds
 
@@ -35,6 +35,7 @@ from typing import Dict, List, Optional
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -282,6 +283,24 @@ def find_resume(out: str | Path, resume: str) -> Optional[Checkpoint]:
     if damaged:
         raise UserError(f"--resume auto: no intact checkpoint in {out} ({'; '.join(e.short for e in damaged)}); "
                         "start afresh with --overwrite instead of --resume")
+    return None
+
+
+def prepare_out(out: Path, resume: Optional[str], overwrite: bool) -> Optional[Checkpoint]:
+    """The checkpoint a run in `out` resumes from (or None), after refusing to mix two runs in one directory
+    (`--overwrite`: the other run's checkpoints, config, logs and previews are deleted). Only rank 0 checks
+    and cleans: the other ranks start once it has begun writing there."""
+    if resume:
+        found = find_resume(out, resume)
+        if found is not None:
+            return found
+    if rank_zero_only.rank == 0 and run_in_use(out) and not resume:
+        if not overwrite:
+            raise UserError(f"{out} already holds a run (config.yaml or checkpoints); pass --resume auto to "
+                            "continue it, --overwrite to replace it, or another --out")
+        for p in out.iterdir():
+            if p.name in ("config.yaml", "command.txt", "final", "logs", "samples") or STEP_RE.match(p.name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     return None
 
 
