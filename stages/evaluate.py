@@ -40,11 +40,10 @@ import torch
 import typer
 
 from mmar_cli import __version__
-from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console, handle_errors,
-                                 single_command_app)
-from mmar_cli.config import EvaluateConfig, to_container
+from mmar_cli.cli_common import CONFIG_HELP, OVERRIDES_HELP, command_line, handle_errors, single_command_app
+from mmar_cli.config import EvaluateConfig, load_config, to_container
 from mmar_cli.data.sequence import QA, T2I
-from mmar_cli.errors import UserError
+from mmar_cli.errors import UserError, console
 from mmar_cli.machine import machine
 from mmar_cli.metrics import accuracy, diversity, fid, judges, recon, report, seams, thresholds
 from mmar_cli.metrics.report import IMAGE_SETTINGS, REPORT_ROWS
@@ -246,7 +245,7 @@ def cli(
     """
     shortcuts = {"ckpt": ckpt, "data": data, "out": out, "num_samples": num_samples, "fid_weights": fid_weights,
                  "thresholds": thresholds, "gen.cfg": cfg_scale, "seed": seed, "ema": ema}
-    cfg = build_config(SCHEMA, config, overrides, **shortcuts)
+    cfg = load_config(SCHEMA, config, overrides, shortcuts)
     result = run(cfg)
     for name, value in result["metrics"].items():
         print(f"{name:24s} {value:.4g}")

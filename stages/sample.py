@@ -26,10 +26,9 @@ from typing import List, Optional
 import typer
 
 from mmar_cli import __version__
-from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console, handle_errors,
-                                 single_command_app)
-from mmar_cli.config import SampleConfig, to_container
-from mmar_cli.errors import UserError
+from mmar_cli.cli_common import CONFIG_HELP, OVERRIDES_HELP, command_line, handle_errors, single_command_app
+from mmar_cli.config import SampleConfig, load_config, to_container
+from mmar_cli.errors import UserError, console
 from mmar_cli.pictures import image_grid, png_bytes, save_png
 from mmar_cli.progress import progress
 
@@ -177,7 +176,7 @@ def cli(
                  "num_images": num_images, "batch_size": batch_size, "gen.cfg": cfg_scale,
                  "gen.temperature": temperature, "gen.iterations": iterations, "gen.diffusion_steps": steps,
                  "gen.sampler": sampler, "gen.candidates": candidates, "seed": seed, "ema": ema}
-    cfg = build_config(SCHEMA, config, overrides, **shortcuts)
+    cfg = load_config(SCHEMA, config, overrides, shortcuts)
     if prompt:
         cfg.prompts = list(cfg.prompts) + list(prompt)
     run(cfg)

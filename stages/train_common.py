@@ -16,8 +16,8 @@ import typer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from mmar_cli.cli_common import CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console
-from mmar_cli.config import to_yaml
+from mmar_cli.cli_common import CONFIG_HELP, OVERRIDES_HELP, command_line
+from mmar_cli.config import load_config, to_yaml
 from mmar_cli.data import shards as shard_io
 from mmar_cli.data.datamodule import ShardDataModule
 from mmar_cli.engine import checkpoint as ckpt
@@ -25,7 +25,7 @@ from mmar_cli.engine import slurm
 from mmar_cli.engine.log_lines import LogLines, StepProgressBar
 from mmar_cli.engine.module import NonFiniteLoss, TrainModule
 from mmar_cli.engine.previews import Previews
-from mmar_cli.errors import UserError, warn
+from mmar_cli.errors import UserError, console, warn
 from mmar_cli.model.factory import build_model, model_config
 from mmar_cli.seeding import seed_run
 
@@ -43,9 +43,9 @@ OVERWRITE = typer.Option(False, "--overwrite", help="reuse an --out directory th
 
 def cli_run(schema, stage: str, config: Optional[Path], overrides: Optional[List[str]],
             overwrite: bool, **shortcuts) -> Path:
-    """Build the config from the command line (shortcut options as overrides) and run."""
+    """Build the config from the command line (the shortcut options by their config keys) and run."""
     names = {"max_steps": "trainer.max_steps"}
-    cfg = build_config(schema, config, overrides, **{names.get(k, k): v for k, v in shortcuts.items()})
+    cfg = load_config(schema, config, overrides, {names.get(k, k): v for k, v in shortcuts.items()})
     return run(cfg, stage, overwrite=overwrite)
 
 
