@@ -16,8 +16,8 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from mmar_cli.data.sequence import (CAPTION, IGNORE, QA, T2I, UNCOND, Layout, build_batch, encode_prefix, fits, prefix_ids,
-                                   suffix_ids)
+from mmar_cli.data.sequence import (CAPTION, IGNORE, QA, T2I, UNCOND, Layout, build_batch, encode_prefix, fits,
+                                   prefix_ids, suffix_ids)
 from mmar_cli.errors import UserError, warn
 from mmar_cli.model.generate import generate_images, generate_text
 from mmar_cli.seeding import derived_seed, generator
