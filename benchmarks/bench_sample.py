@@ -21,6 +21,7 @@ from mmar_cli.config import GenerationConfig
 from mmar_cli.data import checker, shapes
 from mmar_cli.data.sequence import T2I, UNCOND
 from mmar_cli.inference import InferenceModel, row_generators
+from mmar_cli.model.generate import generate_images
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_PRESET = ROOT / "configs" / "sample" / "mar-reference.yaml"
@@ -117,11 +118,11 @@ class RecomputePrefix(nn.Module):
 def prompt_cache_speedup(inf: InferenceModel, prompts: List[str], gen, min_seconds: float = 0.0) -> dict:
     """generate_images() with the prompt's keys/values cached vs the prompt re-run every iteration (each
     timed as the fastest of runs filling `min_seconds`)."""
-    model, s = inf.model, inf.text_tok.specials
+    model = inf.model
     prefix = inf.encode(T2I, prompts).to(inf.device)
     def run():
         with inf.autocast(gen):
-            return model.generate_images(prefix, None, gen, s.boi, row_generators(0, 0, len(prompts)), pad_id=s.pad)
+            return generate_images(model, prefix, None, gen, row_generators(0, 0, len(prompts)))
 
     cached, with_cache, _ = fastest(run, min_seconds)
     backbone = model.backbone
@@ -137,13 +138,12 @@ def prompt_cache_speedup(inf: InferenceModel, prompts: List[str], gen, min_secon
 def batched_cfg_speedup(inf: InferenceModel, prompts: List[str], gen, min_seconds: float = 0.0) -> dict:
     """Guided generation with cond + uncond rows in one batch vs the same rows as two separate batches
     (each timed as the fastest of runs filling `min_seconds`)."""
-    model, s = inf.model, inf.text_tok.specials
+    model = inf.model
     prefix = inf.encode(T2I, prompts).to(inf.device)
     uncond = inf.encode(UNCOND, [""]).expand(len(prompts), -1).to(inf.device)
     def run(rows, unconditional):
         with inf.autocast(gen):
-            return model.generate_images(rows, unconditional, gen, s.boi, row_generators(0, 0, len(prompts)),
-                                         pad_id=s.pad)
+            return generate_images(model, rows, unconditional, gen, row_generators(0, 0, len(prompts)))
 
     one_batch = fastest(lambda: run(prefix, uncond), min_seconds)[1]
     cond_pass = fastest(lambda: run(prefix, None), min_seconds)[1]

@@ -1,20 +1,17 @@
-"""Pieces shared by every stage command: the config option, dotlist overrides, error handling."""
+"""Pieces shared by every stage command: the help of --config and key=value overrides, the --help epilog
+of config keys, the command line, one-line errors, the single-command app."""
 
 from __future__ import annotations
 
 import functools
 import shlex
 import sys
-from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable
 
 import typer
-from rich.console import Console
 
-from mmar_cli.config import describe_fields, load_config
-from mmar_cli.errors import UserError
-
-console = Console(stderr=True)
+from mmar_cli.config import describe_fields
+from mmar_cli.errors import UserError, console
 
 CONFIG_HELP = "YAML preset to start from (see configs/); key=value arguments override it."
 OVERRIDES_HELP = "config overrides as key=value, e.g. trainer.max_steps=100 model.depth=8 (keys listed below)"
@@ -30,12 +27,6 @@ def epilog(schema: type) -> str:
 
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in sys.argv)
-
-
-def build_config(schema: type, config: Optional[Path], overrides: Optional[List[str]], **shortcuts):
-    """Shortcut options (e.g. --out) are applied as overrides after the dotlist ones."""
-    extra = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
-    return load_config(schema, config, list(overrides or []) + extra)
 
 
 def handle_errors(fn: Callable) -> Callable:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -356,8 +356,13 @@ def load_preset(path: str | Path, _seen: tuple = ()) -> DictConfig:
     return OmegaConf.merge(load_preset(p.parent / str(base), (*_seen, p.resolve())), preset)
 
 
-def load_config(schema: type, path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> DictConfig:
-    """schema defaults <- YAML preset at `path` (and its `base`) <- `overrides` (key=value)."""
+def load_config(schema: type, path: Optional[str | Path] = None, overrides: Optional[List[str]] = None,
+                options: Optional[Dict[str, Any]] = None) -> DictConfig:
+    """schema defaults <- YAML preset at `path` (and its `base`) <- `overrides` (key=value) <- `options`.
+
+    `options`: the values of a command's typed options by dotted config key (`{"gen.cfg": 3.0}`), merged
+    as they are (None: not given); their types were checked by the command line, and their values are
+    checked here like any other."""
     cfg = OmegaConf.structured(schema)
     try:
         if path is not None:
@@ -366,10 +371,25 @@ def load_config(schema: type, path: Optional[str | Path] = None, overrides: Opti
             if "=" not in item:
                 raise UserError(f"override '{item}' is not key=value (e.g. trainer.max_steps=100)")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        given = {key: value for key, value in (options or {}).items() if value is not None}
+        if given:
+            cfg = OmegaConf.merge(cfg, _nested(given))
     except OmegaConfBaseException as e:
         raise UserError(_friendly(e, OmegaConf.structured(schema))) from None
     validate(cfg, schema)
     return cfg
+
+
+def _nested(dotted: Dict[str, Any]) -> dict:
+    """{"gen.cfg": 3.0, "seed": 1} -> {"gen": {"cfg": 3.0}, "seed": 1}."""
+    out: dict = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return out
 
 
 def validate(cfg: DictConfig, schema: type, prefix: str = "") -> None:

@@ -1,4 +1,9 @@
-"""Errors a user can fix (the CLI prints them as one line on stderr and exits with code 2), and warnings."""
+"""Errors a user can fix (the CLI prints them as one line on stderr and exits with code 2), warnings, and
+`console`: the stderr console both are printed on, as are progress bars and the stages' messages."""
+
+from rich.console import Console
+
+console = Console(stderr=True)
 
 
 class UserError(Exception):
@@ -7,6 +12,4 @@ class UserError(Exception):
 
 def warn(message: str) -> None:
     """One line on stderr, as the CLI prints errors."""
-    from mmar_cli.cli_common import console
-
     console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)

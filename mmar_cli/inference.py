@@ -16,8 +16,11 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from mmar_cli.data.sequence import CAPTION, IGNORE, QA, T2I, UNCOND, Layout, build_batch, encode_prefix, encode_suffix
+from mmar_cli.data.sequence import (CAPTION, IGNORE, QA, T2I, UNCOND, Layout, build_batch, encode_prefix, fits,
+                                   prefix_ids, suffix_ids)
 from mmar_cli.errors import UserError, warn
+from mmar_cli.model.generate import generate_images, generate_text
+from mmar_cli.seeding import derived_seed, generator
 
 RUNS = Path("runs")
 
@@ -76,13 +79,23 @@ class InferenceModel:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=gen.precision == "bf16")
 
     # ---------------------------------------------------------------------------------------------
+    def prompt_error(self, task: int, text: Optional[str], what: str = "prompt") -> Optional[str]:
+        """Why `text` cannot be the prefix of `task` (empty, or longer than the model's prefix), or None."""
+        if task in (T2I, QA) and (not text or not text.strip()):
+            return f"empty {what}: give some text (e.g. 'a large red circle at the top left')"
+        if not fits(self.text_tok, self.layout, task, text):
+            n = len(prefix_ids(self.text_tok, task, text))
+            return (f"{what} is {n} tokens with its markers but the model's prefix holds {self.layout.prefix_len} "
+                    f"(model.max_prefix_len): '{text[:60]}'")
+        return None
+
     def encode(self, task: int, texts: Sequence[str], what: str = "prompt") -> torch.Tensor:
         """[B, P] left-padded prefixes; an empty prompt or one longer than the model's prefix is refused."""
-        if task in (T2I, QA):
-            for text in texts:
-                if not text or not text.strip():
-                    raise UserError(f"empty {what}: give some text (e.g. 'a large red circle at the top left')")
-        return torch.stack([encode_prefix(self.text_tok, task, text, self.layout, what) for text in texts])
+        for text in texts:
+            error = self.prompt_error(task, text, what)
+            if error is not None:
+                raise UserError(error)
+        return torch.stack([encode_prefix(self.text_tok, task, text, self.layout) for text in texts])
 
     @torch.no_grad()
     def text_to_image(self, prompts: Sequence[str], gen, seed: int, batch_size: int,
@@ -94,7 +107,6 @@ class InferenceModel:
         first_row + i, k), and keeps the one whose caption the model finds likeliest to be the prompt
         (`caption_log_likelihood`): the understanding half judges the generating half. Candidate 0 is
         the image K = 1 gives."""
-        s = self.text_tok.specials
         prefix = self.encode(T2I, prompts)
         if gen.candidates > 1:
             self._check_captions(prompts)
@@ -107,7 +119,7 @@ class InferenceModel:
             for k in range(gen.candidates):
                 gens = row_generators(seed, first_row + start, len(rows), candidate=k)
                 with self.autocast(gen):
-                    tokens = self.model.generate_images(rows, un, gen, s.boi, gens, pad_id=s.pad).float()
+                    tokens = generate_images(self.model, rows, un, gen, gens).float()
                 if gen.candidates == 1:
                     best = tokens
                     break
@@ -125,8 +137,8 @@ class InferenceModel:
 
     def _check_captions(self, captions: Sequence[str]) -> None:
         for text in captions:
-            if encode_suffix(self.text_tok, text, self.layout) is None:
-                n = len(self.text_tok.encode(text)) + 1
+            if not fits(self.text_tok, self.layout, CAPTION, answer=text):
+                n = len(suffix_ids(self.text_tok, text))
                 raise UserError(f"gen.candidates ranks images by how likely the model captions them with the prompt, "
                                 f"but '{text[:60]}' is {n} tokens with EOS and the model's caption holds "
                                 f"{self.layout.suffix_len} (model.max_suffix_len); use gen.candidates=1")
@@ -152,7 +164,6 @@ class InferenceModel:
                       progress: Optional[Callable[[int], None]] = None) -> List[str]:
         """A caption for each image whose question is None, else the answer to its question.
         `progress(n)` is called after each batch with its number of rows."""
-        s = self.text_tok.specials
         prefix = torch.stack([encode_prefix(self.text_tok, CAPTION, "", self.layout) if q is None
                               else self.encode(QA, [q], "question")[0] for q in questions])
         texts: List[str] = []
@@ -161,7 +172,7 @@ class InferenceModel:
             tokens = torch.as_tensor(image_tokens[start:start + batch_size]).float().to(self.device)
             gens = row_generators(seed, start, len(rows))
             with self.autocast(gen):
-                out = self.model.generate_text(tokens, rows, gen, s.boi, s.eoi, s.eos, use_cache, gens, pad_id=s.pad)
+                out = generate_text(self.model, tokens, rows, gen, gens, use_cache)
             texts += [self.text_tok.decode(ids).strip() for ids in out]
             if progress is not None:
                 progress(len(rows))
@@ -172,10 +183,9 @@ def row_generators(seed: int, first_row: int, count: int, candidate: int = 0) ->
     """CPU generators, one per row, seeded from (seed, row) so rows never share a stream; candidate k > 0
     of a row (gen.candidates) from (seed, row, k)."""
     def entropy(row):
-        return [seed, row] + ([candidate] if candidate else [])
+        return (seed, row) + ((candidate,) if candidate else ())
 
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence(entropy(row)).generate_state(1)[0]))
-            for row in range(first_row, first_row + count)]
+    return [generator(derived_seed(*entropy(row))) for row in range(first_row, first_row + count)]
 
 
 def load_checkpoint(ckpt: Optional[str], ema: bool = True, device: Optional[str] = None) -> InferenceModel:
@@ -198,7 +208,7 @@ def load_checkpoint(ckpt: Optional[str], ema: bool = True, device: Optional[str]
 
     text_tok, image_tok = load_tokenizers(path)
     cfg = resolve(opened.config.model)
-    model = MMAR(cfg)
+    model = MMAR(cfg, text_tok.specials)
     try:
         model.load_state_dict(opened.weights(ema))
     except RuntimeError as e:

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mmar_cli import cli_common
+from mmar_cli import errors
 
 LINE_FRACTION = 0.1  # a plain line at each further 10 % of the total ...
 LINE_SECONDS = 30.0  # ... or after this long without one, so a slow loop still shows it is alive
@@ -50,7 +50,7 @@ def plain_line(label: str, done: int, total: int, seconds: float) -> str:
 @contextmanager
 def progress(label: str, total: int, console: Optional[Console] = None) -> Iterator[Callable[[int], None]]:
     """Yields `advance(n=1)`. `console`: where to show it (default: the project's, on stderr)."""
-    console = console or cli_common.console
+    console = console or errors.console
     if console.is_terminal:
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console) as bar:

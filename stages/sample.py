@@ -17,55 +17,23 @@ the same images whatever the batch size.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import typer
 
 from mmar_cli import __version__
-from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console, handle_errors,
-                                 single_command_app)
-from mmar_cli.config import SampleConfig, to_container
-from mmar_cli.errors import UserError
+from mmar_cli.cli_common import CONFIG_HELP, OVERRIDES_HELP, command_line, handle_errors, single_command_app
+from mmar_cli.config import SampleConfig, load_config, to_container
+from mmar_cli.errors import UserError, console
+from mmar_cli.pictures import image_grid, png_bytes, save_png
 from mmar_cli.progress import progress
 
 SCHEMA = SampleConfig
 SHARD_SIZE = 1000  # samples per output shard
-
-
-# --------------------------------------------------------------------------------------------------
-# Pictures
-# --------------------------------------------------------------------------------------------------
-def save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(image).save(path)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def image_grid(images: np.ndarray, cols: int, scale: int = 4, gap: int = 2) -> np.ndarray:
-    """uint8 [M, H, W, 3] -> one uint8 picture, `cols` per row, each image scaled up `scale` times
-    (nearest, so pixels stay visible) on a white background."""
-    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    m, h, w, _ = images.shape
-    rows = -(-m // cols)
-    grid = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[gap + r * (h + gap): gap + r * (h + gap) + h, gap + c * (w + gap): gap + c * (w + gap) + w] = image
-    return grid
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,7 +176,7 @@ def cli(
                  "num_images": num_images, "batch_size": batch_size, "gen.cfg": cfg_scale,
                  "gen.temperature": temperature, "gen.iterations": iterations, "gen.diffusion_steps": steps,
                  "gen.sampler": sampler, "gen.candidates": candidates, "seed": seed, "ema": ema}
-    cfg = build_config(SCHEMA, config, overrides, **shortcuts)
+    cfg = load_config(SCHEMA, config, overrides, shortcuts)
     if prompt:
         cfg.prompts = list(cfg.prompts) + list(prompt)
     run(cfg)

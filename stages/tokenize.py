@@ -41,11 +41,10 @@ import torch.nn.functional as F
 import typer
 from rich.console import Console
 
-from mmar_cli.cli_common import (CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console,
-                                 handle_errors, single_command_app)
-from mmar_cli.config import TokenizeConfig, load_preset, to_container
+from mmar_cli.cli_common import CONFIG_HELP, OVERRIDES_HELP, command_line, handle_errors, single_command_app
+from mmar_cli.config import TokenizeConfig, load_config, load_preset, to_container
 from mmar_cli.data import shards, sources
-from mmar_cli.errors import UserError
+from mmar_cli.errors import UserError, console
 from mmar_cli.metrics.judges import JUDGE_CACHE
 from mmar_cli.progress import progress
 from mmar_cli.tokenizers.image import IMAGE_TOKENIZER_FILE, build_image_tokenizer, load_image_tokenizer
@@ -520,9 +519,9 @@ def cli(
     """Turn images and captions into token shards: the built-in shapes dataset by default, or an image
     folder, a JSONL or img2dataset shards, optionally split into train/val/test by sample key. Writes
     {name}-000000.tar shards, sizes.json, the tokenizers and manifest.json (last)."""
-    cfg = build_config(SCHEMA, config, overrides, input=input, out=out, workers=workers, strict=strict,
-                       overwrite=overwrite, val_fraction=val_fraction, test_fraction=test_fraction,
-                       split_seed=split_seed, tokenizer_from=tokenizer_from)
+    cfg = load_config(SCHEMA, config, overrides, dict(
+        input=input, out=out, workers=workers, strict=strict, overwrite=overwrite, val_fraction=val_fraction,
+        test_fraction=test_fraction, split_seed=split_seed, tokenizer_from=tokenizer_from))
     _print_summary(run(cfg, _explicit_keys(config, overrides)))
 
 

@@ -2,39 +2,32 @@
 
 run(): read the shards' manifest and tokenizers -> fill the model's sizes from them -> pick up `init`
 (finetune), `--resume` or a fresh start -> train with a plain Lightning Trainer whose callbacks write our
-checkpoint layout (`mmar_cli.engine.checkpoint`) and the preview grids/captions.
+checkpoint layout (`mmar_cli.engine.checkpoint`) and the previews (`mmar_cli.engine.previews`); the model
+comes from `mmar_cli.model.factory`.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import List, Optional
 
 import lightning as L
-import numpy as np
-import torch
 import typer
-import webdataset as wds
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import OmegaConf
-from PIL import Image
 
-from mmar_cli.cli_common import CONFIG_HELP, OVERRIDES_HELP, build_config, command_line, console
-from mmar_cli.config import to_yaml
+from mmar_cli.cli_common import CONFIG_HELP, OVERRIDES_HELP, command_line
+from mmar_cli.config import load_config, to_yaml
 from mmar_cli.data import shards as shard_io
-from mmar_cli.data.datamodule import ShardDataModule, fits
-from mmar_cli.data.sequence import CAPTION, T2I, build_batch, encode_prefix
+from mmar_cli.data.datamodule import ShardDataModule
 from mmar_cli.engine import checkpoint as ckpt
 from mmar_cli.engine import slurm
 from mmar_cli.engine.log_lines import LogLines, StepProgressBar
-from mmar_cli.engine.module import MODEL_KEYS, NonFiniteLoss, TrainModule
-from mmar_cli.errors import UserError, warn
-
-# Model keys a finetune may change; every other model key (the architecture) comes from `init`.
-TRAINING_MODEL_KEYS = ("mask_min", "mask_std", "known_noise", "caption_noise", "grad_checkpointing")
-PREVIEW_ROWS = 4
+from mmar_cli.engine.module import NonFiniteLoss, TrainModule
+from mmar_cli.engine.previews import Previews
+from mmar_cli.errors import UserError, console, warn
+from mmar_cli.model.factory import build_model, model_config
+from mmar_cli.seeding import seed_run
 
 # The options both commands take (Typer option markers can be shared between commands).
 OVERRIDES = typer.Argument(None, help=OVERRIDES_HELP)
@@ -50,9 +43,9 @@ OVERWRITE = typer.Option(False, "--overwrite", help="reuse an --out directory th
 
 def cli_run(schema, stage: str, config: Optional[Path], overrides: Optional[List[str]],
             overwrite: bool, **shortcuts) -> Path:
-    """Build the config from the command line (shortcut options as overrides) and run."""
+    """Build the config from the command line (the shortcut options by their config keys) and run."""
     names = {"max_steps": "trainer.max_steps"}
-    cfg = build_config(schema, config, overrides, **{names.get(k, k): v for k, v in shortcuts.items()})
+    cfg = load_config(schema, config, overrides, {names.get(k, k): v for k, v in shortcuts.items()})
     return run(cfg, stage, overwrite=overwrite)
 
 
@@ -61,41 +54,6 @@ def _compatible(a: dict, b: dict, what: str) -> None:
         shard_io.check_compatible(a, b)
     except UserError as e:
         raise UserError(f"{what}: {e}") from None
-
-
-def model_config(cfg, tok, image_tok, init_cfg=None):
-    """The model's config: sizes from the shards' tokenizers; architecture from `init_cfg` if given."""
-    from mmar_cli.model.presets import resolve
-
-    model = cfg.model
-    if init_cfg is not None:
-        model = OmegaConf.merge(init_cfg.model, {k: cfg.model[k] for k in TRAINING_MODEL_KEYS})
-        model.init_from_qwen2 = None
-    data_sizes = {"vocab_size": tok.vocab_size, "token_dim": image_tok.token_dim,
-                  "image_grid": list(image_tok.grid), "token_bound": image_tok.value_bound}
-    for key, value in data_sizes.items():
-        if model[key] is not None and (list(model[key]) if key == "image_grid" else model[key]) != value:
-            raise UserError(f"config key 'model.{key}': {model[key]} but the shards' tokenizer gives {value} "
-                            "(leave it unset: it is read from the shards)")
-        model[key] = value
-    return resolve(model)
-
-
-def _prepare_out(out: Path, resume: Optional[str], overwrite: bool) -> Optional[ckpt.Checkpoint]:
-    """The checkpoint to resume from (or None), after refusing to mix two runs in one directory.
-    Only rank 0 checks and cleans: the other ranks start once it has begun writing there."""
-    if resume:
-        found = ckpt.find_resume(out, resume)
-        if found is not None:
-            return found
-    if rank_zero_only.rank == 0 and ckpt.run_in_use(out) and not resume:
-        if not overwrite:
-            raise UserError(f"{out} already holds a run (config.yaml or checkpoints); pass --resume auto to "
-                            "continue it, --overwrite to replace it, or another --out")
-        for p in out.iterdir():
-            if p.name in ("config.yaml", "command.txt", "final", "logs", "samples") or ckpt.STEP_RE.match(p.name):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return None
 
 
 def run(cfg, stage: str, overwrite: bool = False) -> Path:
@@ -121,12 +79,12 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
     cfg.model = model_config(cfg, tok, image_tok, init.config if init else None)
 
     out = Path(cfg.out)
-    resume = _prepare_out(out, cfg.resume, overwrite)
+    resume = ckpt.prepare_out(out, cfg.resume, overwrite)
     if resume:
         _compatible(resume.manifest, manifest, f"resume checkpoint {resume.path} vs data {cfg.data}")
 
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    model = build_model(cfg, init=None if resume else init)
+    seed_run(cfg.trainer.seed)
+    model = build_model(cfg, tok.specials, init=None if resume else init)
     keys_log = str(out / "keys") if cfg.trainer.log_keys else None
     module = TrainModule(cfg, model, keys_log=keys_log)
     data = ShardDataModule(shards, tok, model.layout, cfg)
@@ -184,87 +142,3 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
     return out / "final"
 
 
-def build_model(cfg, init: Optional[ckpt.Checkpoint] = None):
-    """MMAR from the resolved config, with Qwen2 backbone weights or an `init` checkpoint's weights."""
-    from mmar_cli.model.mmar import MMAR
-
-    model = MMAR(cfg.model)
-    model.w_img, model.w_txt = cfg.tasks.w_img, cfg.tasks.w_txt
-    if init is not None:
-        model.load_state_dict(init.weights())
-    elif cfg.model.init_from_qwen2:
-        from mmar_cli.model.qwen2_adapter import load_qwen2_into
-
-        load_qwen2_into(model.backbone, cfg.model.init_from_qwen2)
-    return model
-
-
-# --------------------------------------------------------------------------------------------------
-# Previews: a grid of generated images, a few captions and a validation loss
-# --------------------------------------------------------------------------------------------------
-class Previews(L.Callback):
-    """Every `trainer.sample_every` steps and at the end, rank 0 writes `{out}/samples/step-XXXXXXXX.png`
-    (images generated from the captions of a few held-out samples) and `.txt` (those captions, and the
-    captions the model writes for the held-out images), and logs the loss on those samples."""
-
-    def __init__(self, out: Path, cfg, tok, image_tok, shards: List[str]):
-        from mmar_cli.config import GenerationConfig
-
-        self.dir = out / "samples"
-        self.cfg, self.tok, self.image_tok = cfg, tok, image_tok
-        self.shards = shards
-        self.gen = OmegaConf.structured(GenerationConfig(iterations=4, diffusion_steps=10, max_new_tokens=16))
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        every = self.cfg.trainer.sample_every
-        if every and module.step % every == 0 and module.step < self.cfg.trainer.max_steps:
-            val_loss = self.write(trainer, module, ckpt.step_name(module.step))
-            if val_loss is not None:
-                module.log("val/loss", val_loss)
-
-    def on_train_end(self, trainer, module):
-        self.write(trainer, module, "final")
-
-    def _samples(self, layout) -> list:
-        decoded = []
-        for raw in wds.tariterators.tarfile_samples([{"url": self.shards[0]}], handler=wds.warn_and_continue):
-            s = shard_io.decode_sample(raw)
-            if fits(self.tok, layout, T2I, s["caption"], None) and fits(self.tok, layout, CAPTION, "", s["caption"]):
-                decoded.append(s)
-            if len(decoded) == PREVIEW_ROWS:
-                break
-        return decoded
-
-    def write(self, trainer, module, name: str) -> Optional[float]:
-        if not trainer.is_global_zero or self.cfg.trainer.strategy == "fsdp":  # FSDP: weights are sharded
-            return None
-        model, dev = module.model, module.device
-        samples = self._samples(model.layout)
-        if not samples:
-            return None
-        s, lay = self.tok.specials, model.layout
-        captions = [x["caption"] for x in samples]
-        images = torch.stack([torch.as_tensor(x["tokens"]).float() for x in samples]).to(dev)
-        model.eval()
-        with torch.no_grad(), trainer.precision_plugin.forward_context():
-            tasks = [T2I] * len(samples) + [CAPTION] * len(samples)
-            batch = build_batch(self.tok, lay, tasks, captions * 2, [None] * len(samples) + captions,
-                                torch.cat([images, images]))
-            torch.manual_seed(self.cfg.trainer.seed)
-            val_loss = float(model({k: batch[k].to(dev) for k in MODEL_KEYS})["loss"])
-            prompts = torch.stack([encode_prefix(self.tok, T2I, c, lay) for c in captions]).to(dev)
-            gen = torch.Generator().manual_seed(self.cfg.trainer.seed)
-            made = model.generate_images(prompts, None, self.gen, s.boi, gen, pad_id=s.pad)
-            cap_prefix = torch.stack([encode_prefix(self.tok, CAPTION, "", lay)] * len(samples)).to(dev)
-            written = model.generate_text(images, cap_prefix, self.gen, s.boi, s.eoi, s.eos, pad_id=s.pad)
-        model.train()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        truth = self.image_tok.decode(images.float().cpu())
-        fake = self.image_tok.decode(made.float().cpu())
-        grid = np.concatenate([np.concatenate(list(truth), axis=1), np.concatenate(list(fake), axis=1)], axis=0)
-        Image.fromarray(grid).save(self.dir / f"{name}.png")
-        lines = [f"step {module.step}  val loss {val_loss:.4f}",
-                 "top row: held-out images; bottom row: generated from their captions"]
-        lines += [f"caption: {c!r}  ->  written: {self.tok.decode(w)!r}" for c, w in zip(captions, written)]
-        (self.dir / f"{name}.txt").write_text("\n".join(lines) + "\n")
-        return val_loss

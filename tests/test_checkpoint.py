@@ -10,13 +10,14 @@ import torch
 
 from mmar_cli.engine import checkpoint as ckpt
 from mmar_cli.errors import UserError
+from mmar_cli.seeding import rng_state, set_rng_state
 from tiny_checkpoint import damage
 
 
 def write(out, name, shard_dir, step=1):
     state = {"w": torch.full((2, 3), float(step)), "b": torch.zeros(3)}
     return ckpt.save(out / name, model_state=state, ema_state=state,
-                     trainer_state={"step": step, "rng": ckpt.rng_state()}, config_yaml="a: 1\n",
+                     trainer_state={"step": step, "rng": rng_state()}, config_yaml="a: 1\n",
                      shard_dir=shard_dir, command="mmar pretrain")
 
 
@@ -93,10 +94,10 @@ def test_run_in_use(tmp_path, shard_dir):
 
 def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    torch.save(ckpt.rng_state(), tmp_path / "rng.pt")
+    torch.save(rng_state(), tmp_path / "rng.pt")
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch.manual_seed(9), np.random.seed(9), random.seed(9)
-    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
 

@@ -8,11 +8,11 @@ from omegaconf import DictConfig, OmegaConf
 from typer.testing import CliRunner
 
 from mmar_cli.app import app
-from mmar_cli.config import (STAGES, FinetuneConfig, TokenizeConfig, TrainConfig, describe_fields, load_config,
-                              load_preset)
+from mmar_cli.config import (STAGES, FinetuneConfig, SampleConfig, TokenizeConfig, TrainConfig, describe_fields,
+                              load_config, load_preset)
 from mmar_cli.errors import UserError
+from mmar_cli.model.factory import TRAINING_MODEL_KEYS
 from mmar_cli.model.presets import resolve
-from stages.train_common import TRAINING_MODEL_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
@@ -141,6 +141,17 @@ def test_override_without_equals_is_refused():
 def test_overrides_apply_in_order():
     cfg = load_config(TrainConfig, overrides=["model.depth=3", "model.depth=5", "optim.lr=0.5"])
     assert cfg.model.depth == 5 and cfg.optim.lr == 0.5
+
+
+def test_options_are_merged_as_typed_values_after_the_overrides():
+    # a value no YAML parser must see: brackets, a colon, an equals sign
+    cfg = load_config(SampleConfig, overrides=["gen.cfg=2", "seed=4"],
+                      options={"out": Path("runs/[a]: b=c"), "gen.cfg": 3.5, "seed": None, "ema": False})
+    assert cfg.out == "runs/[a]: b=c" and cfg.gen.cfg == 3.5 and cfg.seed == 4 and cfg.ema is False
+    with pytest.raises(UserError, match=r"config key 'gen.sampler': 'foo' is not allowed; choose one of 'ddpm'"):
+        load_config(SampleConfig, options={"gen.sampler": "foo"})
+    with pytest.raises(UserError, match=r"config key 'num_images': 0 is below the minimum 1"):
+        load_config(SampleConfig, options={"num_images": 0})
 
 
 def test_every_field_is_documented():

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from mmar_cli.config import TaskMixConfig
 from mmar_cli.data import datamodule
 from mmar_cli.data import shards as shard_io
-from mmar_cli.data.datamodule import TokenBatches, assign_task, batches_before, fits, shards_for
-from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, Layout
+from mmar_cli.data.datamodule import TokenBatches, assign_task, batches_before, shards_for
+from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, Layout, fits
 from mmar_cli.errors import UserError
 from mmar_cli.tokenizers.image import PatchTokenizer
 from mmar_cli.tokenizers.text import byte_tokenizer

@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 
 from mmar_cli.config import ModelConfig, OptimConfig
 from mmar_cli.engine.ema import EMA
-from mmar_cli.engine.module import lr_factor, param_groups, step_seed
+from mmar_cli.engine.module import lr_factor, param_groups
+from mmar_cli.seeding import step_seed
 from mmar_cli.model.mmar import MMAR
 from mmar_cli.model.presets import resolve
 

@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 
 from mmar_cli.app import app
 from mmar_cli.config import EvaluateConfig, load_config
-from mmar_cli.data.shards import load_tokenizers
+from mmar_cli.data.shards import first_samples, load_tokenizers
 from mmar_cli.errors import UserError
 from mmar_cli.metrics import accuracy, fid, judges
+from mmar_cli.metrics.thresholds import check_thresholds
 from stages import evaluate
 from tiny_checkpoint import DAMAGES, assert_damage_reported, damage, make_checkpoint, make_data
 
@@ -33,7 +34,7 @@ def mmar(*args):
 
 def test_true_images_score_full_marks_and_zero_fid(setup):
     data, _ = setup
-    samples = evaluate.read_heldout(data / "test", 12)
+    samples = first_samples(data / "test", 12)
     _, image_tok = load_tokenizers(data / "test")
     truth = image_tok.decode(torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.float32)))
     checker = judges.CheckerJudge()
@@ -42,7 +43,7 @@ def test_true_images_score_full_marks_and_zero_fid(setup):
     extractor = fid.feature_extractor(None, torch.device("cpu"))
     same = fid.fid(extractor.extract(truth), extractor.extract(truth), extractor)
     assert same["value"] < 1e-6
-    captions = evaluate.caption_accuracy([s["caption"] for s in samples], samples)
+    captions = accuracy.caption_accuracy([s["caption"] for s in samples], samples)
     assert captions["und.caption.exact"] == 1.0 and captions["und.caption.all"] == 1.0
 
 
@@ -125,12 +126,12 @@ def test_thresholds_fail_the_run_naming_metric_value_and_minimum(setup, tmp_path
 def test_check_thresholds_min_max_and_unknown_names(tmp_path):
     t = tmp_path / "t.yaml"
     t.write_text("a: 0.5\nb: {max: 10}\n")
-    assert evaluate.check_thresholds({"a": 0.7, "b": 3.0}, t) == []
-    assert evaluate.check_thresholds({"a": 0.2, "b": 30.0}, t) == ["a = 0.2 is below the minimum 0.5",
-                                                                   "b = 30 is above the maximum 10"]
-    assert evaluate.check_thresholds({"a": math.inf, "b": 1.0}, t) == []
+    assert check_thresholds({"a": 0.7, "b": 3.0}, t) == []
+    assert check_thresholds({"a": 0.2, "b": 30.0}, t) == ["a = 0.2 is below the minimum 0.5",
+                                                          "b = 30 is above the maximum 10"]
+    assert check_thresholds({"a": math.inf, "b": 1.0}, t) == []
     with pytest.raises(UserError, match="'b' was not computed"):
-        evaluate.check_thresholds({"a": 1.0}, t)
+        check_thresholds({"a": 1.0}, t)
 
 
 @pytest.mark.slow

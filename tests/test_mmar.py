@@ -7,7 +7,8 @@ import torch
 
 from mmar_cli.config import DiffusionHeadConfig, GenerationConfig, ModelConfig
 from mmar_cli.data.sequence import CAPTION, IGNORE, QA, T2I, UNCOND, build_batch, encode_prefix
-from mmar_cli.model.mmar import MMAR, cosine_known, iteration_temperature
+from mmar_cli.model.generate import cosine_known, generate_images, generate_text, iteration_temperature
+from mmar_cli.model.mmar import MMAR
 from mmar_cli.model.presets import resolve
 
 WORDS = "a red green blue circle square at the top left right what colour is".split()
@@ -33,7 +34,7 @@ def make_model(**kw):
     cfg = dict(preset="tiny", width=64, depth=2, heads=4, kv_heads=2, mlp_hidden=96, vocab_size=TOK.vocab_size,
                token_dim=3, image_grid=[2, 3], max_prefix_len=8, max_suffix_len=7, tie_embeddings=False,
                image_proj_kernel=1, embed_init_std=0.02, diffusion=DiffusionHeadConfig(mean_loss=0.0))
-    model = MMAR(resolve(ModelConfig(**{**cfg, **kw}))).eval()
+    model = MMAR(resolve(ModelConfig(**{**cfg, **kw})), S).eval()
     with torch.no_grad():  # the head starts at exactly zero; give it an opinion so guidance matters
         for p in model.head.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -235,9 +236,9 @@ def caption_prompts(model, n):
 def test_kv_cache_decoding_equals_full_recomputation(model):
     images = torch.randn(3, model.layout.num_image_tokens, 3)
     prompts = caption_prompts(model, 3)
-    args = (images, prompts, gen_config(max_new_tokens=6), S.boi, S.eoi, S.eos)
-    cached = model.generate_text(*args, use_cache=True, pad_id=S.pad)
-    full = model.generate_text(*args, use_cache=False, pad_id=S.pad)
+    args = (model, images, prompts, gen_config(max_new_tokens=6))
+    cached = generate_text(*args, use_cache=True)
+    full = generate_text(*args, use_cache=False)
     assert cached == full and all(len(row) > 0 for row in cached)
 
 
@@ -245,8 +246,8 @@ def test_text_batch_of_different_prompts_equals_each_alone(model):
     images = torch.randn(3, model.layout.num_image_tokens, 3)
     prompts = caption_prompts(model, 3)
     gen = gen_config(max_new_tokens=6)
-    batched = model.generate_text(images, prompts, gen, S.boi, S.eoi, S.eos, pad_id=S.pad)
-    alone = [model.generate_text(images[i:i + 1], prompts[i:i + 1], gen, S.boi, S.eoi, S.eos, pad_id=S.pad)[0]
+    batched = generate_text(model, images, prompts, gen)
+    alone = [generate_text(model, images[i:i + 1], prompts[i:i + 1], gen)[0]
              for i in range(3)]
     assert batched == alone
 
@@ -259,9 +260,8 @@ def test_text_sampling_with_row_generators_is_batch_independent(model):
     def seeded(*seeds):
         return [torch.Generator().manual_seed(s) for s in seeds]
 
-    batched = model.generate_text(images, prompts, gen, S.boi, S.eoi, S.eos, generator=seeded(1, 2), pad_id=S.pad)
-    second = model.generate_text(images[1:], prompts[1:], gen, S.boi, S.eoi, S.eos, generator=seeded(2),
-                                 pad_id=S.pad)
+    batched = generate_text(model, images, prompts, gen, generator=seeded(1, 2))
+    second = generate_text(model, images[1:], prompts[1:], gen, generator=seeded(2))
     assert batched[1] == second[0]
 
 
@@ -279,8 +279,8 @@ def test_each_row_stops_at_its_eos(model, monkeypatch):
         return logits
 
     monkeypatch.setattr(model.backbone, "logits", scripted)
-    out = model.generate_text(torch.randn(2, model.layout.num_image_tokens, 3), caption_prompts(model, 2),
-                              gen_config(max_new_tokens=5), S.boi, S.eoi, S.eos, pad_id=S.pad)
+    out = generate_text(model, torch.randn(2, model.layout.num_image_tokens, 3), caption_prompts(model, 2),
+                        gen_config(max_new_tokens=5))
     assert len(out[0]) == 2 and len(out[1]) == 5 and S.eos not in out[0] + out[1]
 
 
@@ -312,13 +312,13 @@ def seeded(*seeds):
 def test_same_seed_same_image_and_batch_equals_alone(model, sampler):
     cond, uncond = t2i_prompts(model)
     gen = gen_config(cfg=3.0, sampler=sampler)
-    a = model.generate_images(cond, uncond, gen, S.boi, seeded(10, 11), pad_id=S.pad)
-    b = model.generate_images(cond, uncond, gen, S.boi, seeded(10, 11), pad_id=S.pad)
+    a = generate_images(model, cond, uncond, gen, seeded(10, 11))
+    b = generate_images(model, cond, uncond, gen, seeded(10, 11))
     assert a.shape == (2, model.layout.num_image_tokens, 3) and torch.isfinite(a).all()
     assert torch.equal(a, b)
-    alone = model.generate_images(cond[1:], uncond[1:], gen, S.boi, seeded(11), pad_id=S.pad)
+    alone = generate_images(model, cond[1:], uncond[1:], gen, seeded(11))
     torch.testing.assert_close(a[1:], alone, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(a, model.generate_images(cond, uncond, gen, S.boi, seeded(12, 13), pad_id=S.pad))
+    assert not torch.allclose(a, generate_images(model, cond, uncond, gen, seeded(12, 13)))
 
 
 def test_more_iterations_than_tokens_draws_one_token_per_iteration(model):
@@ -326,8 +326,8 @@ def test_more_iterations_than_tokens_draws_one_token_per_iteration(model):
     most of them in the first iteration)."""
     cond, _ = t2i_prompts(model)
     n = model.layout.num_image_tokens
-    many = model.generate_images(cond, None, gen_config(iterations=64), S.boi, seeded(1, 2), pad_id=S.pad)
-    capped = model.generate_images(cond, None, gen_config(iterations=n), S.boi, seeded(1, 2), pad_id=S.pad)
+    many = generate_images(model, cond, None, gen_config(iterations=64), seeded(1, 2))
+    capped = generate_images(model, cond, None, gen_config(iterations=n), seeded(1, 2))
     assert torch.equal(many, capped)
     with pytest.raises(ValueError, match="at most one iteration per token"):
         cosine_known(0, n + 1, n)
@@ -342,28 +342,28 @@ def test_the_temperature_falls_linearly_from_first_to_last_iteration(model, monk
     sample = model.diffusion.sample
     monkeypatch.setattr(model.diffusion, "sample", lambda *a: seen.append(a[4]) or sample(*a))
     cond, _ = t2i_prompts(model)
-    falling = model.generate_images(cond, None, gen, S.boi, seeded(1, 2), pad_id=S.pad)
+    falling = generate_images(model, cond, None, gen, seeded(1, 2))
     assert [round(t, 6) for t in seen] == [0.8, 0.6, 0.4, 0.2]
-    flat = model.generate_images(cond, None, gen_config(iterations=4, temperature=0.8, temperature_end=0.8),
-                                 S.boi, seeded(1, 2), pad_id=S.pad)
-    constant = model.generate_images(cond, None, gen_config(iterations=4, temperature=0.8, temperature_end=None),
-                                     S.boi, seeded(1, 2), pad_id=S.pad)
+    flat = generate_images(model, cond, None, gen_config(iterations=4, temperature=0.8, temperature_end=0.8),
+                           seeded(1, 2))
+    constant = generate_images(model, cond, None, gen_config(iterations=4, temperature=0.8, temperature_end=None),
+                               seeded(1, 2))
     assert torch.equal(flat, constant) and not torch.allclose(falling, constant)
 
 
 def test_cfg_one_is_exactly_the_conditional_path(model):
     cond, uncond = t2i_prompts(model)
-    plain = model.generate_images(cond, None, gen_config(cfg=1.0), S.boi, seeded(1, 2), pad_id=S.pad)
-    with_uncond = model.generate_images(cond, uncond, gen_config(cfg=1.0), S.boi, seeded(1, 2), pad_id=S.pad)
-    guided = model.generate_images(cond, uncond, gen_config(cfg=4.0), S.boi, seeded(1, 2), pad_id=S.pad)
+    plain = generate_images(model, cond, None, gen_config(cfg=1.0), seeded(1, 2))
+    with_uncond = generate_images(model, cond, uncond, gen_config(cfg=1.0), seeded(1, 2))
+    guided = generate_images(model, cond, uncond, gen_config(cfg=4.0), seeded(1, 2))
     assert torch.equal(plain, with_uncond)
     assert not torch.allclose(plain, guided)
 
 
 def test_generated_tokens_depend_on_the_prompt(model):
     cond, _ = t2i_prompts(model)
-    swapped = model.generate_images(cond.flip(0), None, gen_config(), S.boi, seeded(1, 1), pad_id=S.pad)
-    same = model.generate_images(cond, None, gen_config(), S.boi, seeded(1, 1), pad_id=S.pad)
+    swapped = generate_images(model, cond.flip(0), None, gen_config(), seeded(1, 1))
+    same = generate_images(model, cond, None, gen_config(), seeded(1, 1))
     assert not torch.allclose(swapped[0], same[0])
     torch.testing.assert_close(swapped[0], same[1], atol=1e-5, rtol=1e-5)
 
@@ -379,7 +379,7 @@ def test_every_token_drawn_starts_from_its_own_noise(model, monkeypatch):
         return real_sample(denoise, lambda: draws.pop() if draws else noise(), *args, **kw)
 
     monkeypatch.setattr(model.diffusion, "sample", spy)
-    model.generate_images(cond, None, gen_config(), S.boi, seeded(1, 2), pad_id=S.pad)
+    generate_images(model, cond, None, gen_config(), seeded(1, 2))
     assert len(starts) == 3  # one draw per iteration (3 iterations)
     assert sum(x.shape[1] for x in starts) == model.layout.num_image_tokens  # [rows, new tokens, D]
     wide = max(starts, key=lambda x: x.shape[1])

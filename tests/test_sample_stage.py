@@ -20,6 +20,7 @@ from mmar_cli.data.sequence import CAPTION, T2I, UNCOND, build_batch
 from mmar_cli.engine import checkpoint
 from mmar_cli.errors import UserError
 from mmar_cli.inference import load_checkpoint, newest_checkpoint, row_generators
+from mmar_cli.model.generate import generate_images, generate_text
 from tiny_checkpoint import DAMAGES, assert_damage_reported, damage, make_checkpoint, make_data
 
 PROMPTS = ["a large red circle at the top left", "a small blue cross in the center"]
@@ -75,13 +76,12 @@ def test_precision_sets_the_arithmetic_of_both_directions(model, precision, dtyp
 
 @pytest.mark.slow
 def test_cfg_scale_one_is_the_conditional_path(model):
-    s = model.text_tok.specials
     prefix, uncond = model.encode(T2I, PROMPTS), model.encode(UNCOND, ["", ""])
     m = model.model
     seeded = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
-    guided = m.generate_images(prefix, uncond, gen(cfg=1.0), s.boi, seeded(), pad_id=s.pad)
-    plain = m.generate_images(prefix, None, gen(cfg=1.0), s.boi, seeded(), pad_id=s.pad)
-    strong = m.generate_images(prefix, uncond, gen(cfg=4.0), s.boi, seeded(), pad_id=s.pad)
+    guided = generate_images(m, prefix, uncond, gen(cfg=1.0), seeded())
+    plain = generate_images(m, prefix, None, gen(cfg=1.0), seeded())
+    strong = generate_images(m, prefix, uncond, gen(cfg=4.0), seeded())
     assert torch.equal(guided, plain)
     assert not torch.allclose(strong, plain)
 
@@ -89,12 +89,12 @@ def test_cfg_scale_one_is_the_conditional_path(model):
 def test_candidates_keep_the_image_the_model_captions_likeliest(model):
     g3 = gen(candidates=3)
     kept = model.text_to_image(PROMPTS, g3, seed=2, batch_size=2)
-    s, m = model.text_tok.specials, model.model
+    m = model.model
     prefix, uncond = model.encode(T2I, PROMPTS), model.encode(UNCOND, [""]).expand(2, -1)
     tokens, scores = [], []
     for k in range(3):  # each candidate drawn alone, from its own generators
         with model.autocast(g3):
-            t = m.generate_images(prefix, uncond, g3, s.boi, row_generators(2, 0, 2, candidate=k), pad_id=s.pad)
+            t = generate_images(m, prefix, uncond, g3, row_generators(2, 0, 2, candidate=k))
         tokens.append(t.float())
         scores.append(model.caption_log_likelihood(t.float(), PROMPTS))
     scores = torch.stack(scores)  # [K, rows]
@@ -128,12 +128,11 @@ def test_candidates_refuse_a_prompt_longer_than_a_caption(model):
 
 @pytest.mark.parametrize("text_temperature", [0.0, 1.0])
 def test_kv_cached_and_uncached_decoding_agree(model, text_temperature):
-    s = model.text_tok.specials
     images = torch.randn(3, *model.image_tok.encode(np.zeros((1, 32, 32, 3), np.uint8)).shape[1:])
     prefix = model.encode(CAPTION, ["", "", ""])
     g = gen(text_temperature=text_temperature, top_k=20)
-    out = [model.model.generate_text(images, prefix, g, s.boi, s.eoi, s.eos, use_cache,
-                                     [torch.Generator().manual_seed(i) for i in range(3)], pad_id=s.pad)
+    out = [generate_text(model.model, images, prefix, g, [torch.Generator().manual_seed(i) for i in range(3)],
+                         use_cache)
            for use_cache in (True, False)]
     assert out[0] == out[1]
     assert max(len(row) for row in out[0]) > 0

@@ -27,7 +27,7 @@ def make_data(root: Path, num_test: int = 16, overrides=()) -> Path:
 
 
 def make_checkpoint(data: Path, out: Path, model_overrides=TINY_MODEL, seed: int = 0, ema: bool = True) -> Path:
-    from stages.train_common import model_config
+    from mmar_cli.model.factory import model_config
 
     cfg = load_config(TrainConfig, overrides=[f"data={data / 'train'}", f"out={out}", *model_overrides])
     tok, image_tok = load_tokenizers(data / "train")

@@ -32,7 +32,7 @@ import webdataset as wds
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, Layout, build_batch
+from mmar_cli.data.sequence import CAPTION, QA, T2I, UNCOND, Layout, build_batch, fits
 from mmar_cli.data.shards import verify_shard
 from mmar_cli.errors import UserError
 
@@ -59,15 +59,6 @@ def assign_task(rng: random.Random, sample: dict, mix) -> tuple[int, str, Option
             return QA, sample["question"], sample["answer"]
         return CAPTION, "", caption
     return UNCOND, "", None
-
-
-def fits(tok, layout: Layout, task: int, text: str, answer: Optional[str]) -> bool:
-    """The prefix (BOS text GEN/ANS) and the suffix (text EOS) fit the model's fixed frame."""
-    if task in (T2I, QA) and len(tok.encode(text)) + 2 > layout.prefix_len:
-        return False
-    if task in (CAPTION, QA) and len(tok.encode(answer or "")) + 1 > layout.suffix_len:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------------

@@ -72,42 +72,52 @@ class Layout:
         return span
 
 
-def _prefix(tok, task: int, text: str, layout: Layout, source: str) -> List[int]:
+def prefix_ids(tok, task: int, text: str = "") -> List[int]:
+    """The prefix of one sample before padding: BOS caption GEN, BOS GEN, BOS CAP or BOS question ANS."""
     s = tok.specials
     if task == T2I:
-        ids = [s.bos] + tok.encode(text) + [s.gen]
-    elif task == UNCOND:
-        ids = [s.bos, s.gen]
-    elif task == CAPTION:
-        ids = [s.bos, s.cap]
-    elif task == QA:
-        ids = [s.bos] + tok.encode(text) + [s.ans]
-    else:
-        raise ValueError(f"unknown task {task}")
-    if len(ids) > layout.prefix_len:
-        from mmar_cli.errors import UserError
-
-        raise UserError(f"{source} is {len(ids)} tokens with its markers but the model's prefix holds "
-                        f"{layout.prefix_len} (model.max_prefix_len): '{text[:60]}'")
-    return ids
+        return [s.bos] + tok.encode(text) + [s.gen]
+    if task == UNCOND:
+        return [s.bos, s.gen]
+    if task == CAPTION:
+        return [s.bos, s.cap]
+    if task == QA:
+        return [s.bos] + tok.encode(text) + [s.ans]
+    raise ValueError(f"unknown task {task}")
 
 
-def encode_prefix(tok, task: int, text: str, layout: Layout, source: str = "prompt") -> torch.Tensor:
-    """[P] long: the prefix of one sample, left-padded with PAD."""
-    ids = _prefix(tok, task, text, layout, source)
-    out = torch.full((layout.prefix_len,), tok.specials.pad, dtype=torch.long)
-    out[layout.prefix_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
+def suffix_ids(tok, text: str) -> List[int]:
+    """The suffix of a caption or answer row before padding: the text, then EOS."""
+    return tok.encode(text) + [tok.specials.eos]
+
+
+def fits(tok, layout: Layout, task: int, text: str = "", answer: Optional[str] = None) -> bool:
+    """Does a sample's text fit the frame: its prefix (`text`: the caption or question) in P positions
+    and, for a caption or answer row, its suffix (`answer`) in S? The one place that decides it: training
+    skips a sample that does not fit, sampling refuses the prompt, evaluation and the previews pass it over.
+    """
+    if len(prefix_ids(tok, task, text)) > layout.prefix_len:
+        return False
+    return task not in (CAPTION, QA) or len(suffix_ids(tok, answer or "")) <= layout.suffix_len
+
+
+def _padded(ids: List[int], length: int, pad: int, left: bool) -> torch.Tensor:
+    if len(ids) > length:
+        raise ValueError(f"{len(ids)} tokens for {length} positions: check the text with fits() first")
+    out = torch.full((length,), pad, dtype=torch.long)
+    start = length - len(ids) if left else 0
+    out[start:start + len(ids)] = torch.tensor(ids, dtype=torch.long)
     return out
 
 
-def encode_suffix(tok, text: str, layout: Layout) -> Optional[torch.Tensor]:
-    """[S] long: answer/caption + EOS, right-padded; None when it does not fit (sample is skipped)."""
-    ids = tok.encode(text) + [tok.specials.eos]
-    if len(ids) > layout.suffix_len:
-        return None
-    out = torch.full((layout.suffix_len,), tok.specials.pad, dtype=torch.long)
-    out[: len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out
+def encode_prefix(tok, task: int, text: str, layout: Layout) -> torch.Tensor:
+    """[P] long: the prefix of one sample (which `fits`), left-padded with PAD."""
+    return _padded(prefix_ids(tok, task, text), layout.prefix_len, tok.specials.pad, left=True)
+
+
+def encode_suffix(tok, text: str, layout: Layout) -> torch.Tensor:
+    """[S] long: caption/answer + EOS (which `fits`), right-padded with PAD."""
+    return _padded(suffix_ids(tok, text), layout.suffix_len, tok.specials.pad, left=False)
 
 
 def build_batch(tok, layout: Layout, tasks: Sequence[int], texts: Sequence[str],
@@ -130,13 +140,11 @@ def build_batch(tok, layout: Layout, tasks: Sequence[int], texts: Sequence[str],
     text_ids = torch.full((B, L), s.pad, dtype=torch.long)
     targets = torch.full((B, L), IGNORE, dtype=torch.long)
     for i, task in enumerate(tasks):
-        text_ids[i, : layout.prefix_len] = encode_prefix(tok, task, texts[i] or "", layout, "caption/question")
+        text_ids[i, : layout.prefix_len] = encode_prefix(tok, task, texts[i] or "", layout)
         text_ids[i, layout.boi] = s.boi
         text_ids[i, layout.eoi] = s.eoi
         if task in (CAPTION, QA):
             suffix = encode_suffix(tok, answers[i] or "", layout)
-            if suffix is None:
-                raise ValueError("suffix too long; filter samples with data.datamodule.fits() before collating")
             text_ids[i, layout.suffix_start:] = suffix
             # position t predicts token t+1: EOI predicts the first suffix token, ..., the last real one EOS
             n = int((suffix != s.pad).sum())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import time
@@ -259,6 +260,14 @@ def iterate_samples(directory: str | Path) -> Iterator[dict]:
         verify_shard(path, sha256)
         for raw in wds.WebDataset([path], shardshuffle=False, empty_check=False):
             yield decode_sample(raw)
+
+
+def first_samples(directory: str | Path, n: int) -> List[dict]:
+    """The first `n` samples of a shard directory, in the manifest's order (`decode_sample`'s dicts)."""
+    samples = list(itertools.islice(iterate_samples(directory), n))
+    if not samples:
+        raise UserError(f"data: {directory} holds no samples")
+    return samples
 
 
 def check_compatible(a: dict, b: dict) -> None:

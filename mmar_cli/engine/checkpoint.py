@@ -1,5 +1,5 @@
 """Checkpoint directories, `{out}/step-00001000/` and `{out}/final/`: the one way to write them (`save`,
-`CheckpointWriter`), open them (`load`) and resume from them (`find_resume`, `restore`).
+`CheckpointWriter`), open them (`load`) and resume from them (`prepare_out`, `find_resume`, `restore`).
 
 Each holds
 
@@ -27,16 +27,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import lightning as L
-import numpy as np
 import torch
 import yaml
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -44,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from mmar_cli.data.shards import file_sha256
 from mmar_cli.engine import slurm
 from mmar_cli.errors import UserError, warn
+from mmar_cli.seeding import rng_state, set_rng_state
 
 COMPLETE = "COMPLETE"
 CHECKSUMS_FORMAT = 1
@@ -286,6 +286,24 @@ def find_resume(out: str | Path, resume: str) -> Optional[Checkpoint]:
     return None
 
 
+def prepare_out(out: Path, resume: Optional[str], overwrite: bool) -> Optional[Checkpoint]:
+    """The checkpoint a run in `out` resumes from (or None), after refusing to mix two runs in one directory
+    (`--overwrite`: the other run's checkpoints, config, logs and previews are deleted). Only rank 0 checks
+    and cleans: the other ranks start once it has begun writing there."""
+    if resume:
+        found = find_resume(out, resume)
+        if found is not None:
+            return found
+    if rank_zero_only.rank == 0 and run_in_use(out) and not resume:
+        if not overwrite:
+            raise UserError(f"{out} already holds a run (config.yaml or checkpoints); pass --resume auto to "
+                            "continue it, --overwrite to replace it, or another --out")
+        for p in out.iterdir():
+            if p.name in ("config.yaml", "command.txt", "final", "logs", "samples") or STEP_RE.match(p.name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return None
+
+
 def restore(checkpoint: Checkpoint, module, data) -> dict:
     """Put a resumed run back where `checkpoint` left it: weights, EMA, global step, skip counters, data
     position (`data.start_batch`) and RNG states now; the optimizer and LR scheduler states go to
@@ -300,28 +318,6 @@ def restore(checkpoint: Checkpoint, module, data) -> dict:
     data.start_batch = state["data"]["batches_per_rank"]
     set_rng_state(state["rng"])
     return state
-
-
-# --------------------------------------------------------------------------------------------------
-# RNG states as tensors and plain types (so trainer.pt loads with weights_only=True)
-# --------------------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
 # --------------------------------------------------------------------------------------------------

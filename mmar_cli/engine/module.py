@@ -14,12 +14,12 @@ import time
 from typing import Optional
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 
 from mmar_cli.data.sequence import TASK_NAMES
 from mmar_cli.engine.ema import EMA
+from mmar_cli.seeding import seed_torch, step_seed
 
 MODEL_KEYS = ("text_ids", "valid", "text_targets", "image_tokens", "gen_rows", "task")
 COUNTERS = ("skipped_long", "corrupt")
@@ -68,10 +68,6 @@ def param_groups(model: nn.Module, optim) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
-
-
 class TrainModule(L.LightningModule):
     """`start_step`: the global step a resumed run starts at (the Lightning trainer counts from 0).
     `optimizer_state`: the optimizer and scheduler states of a resumed run, loaded once the trainer has
@@ -117,7 +113,7 @@ class TrainModule(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        torch.manual_seed(step_seed(self.cfg.trainer.seed, self.step, self.global_rank))
+        seed_torch(step_seed(self.cfg.trainer.seed, self.step, self.global_rank))
         for k in COUNTERS:
             self.counts[k] += int(batch[k])
         if self.keys_log:

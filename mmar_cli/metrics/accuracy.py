@@ -43,6 +43,20 @@ def mean_hits(hits: Sequence[Dict[str, bool]]) -> Dict[str, float]:
     return {k: sum(h[k] for h in hits) / len(hits) for k in hits[0]}
 
 
+def caption_accuracy(captions: Sequence[str], samples: Sequence[dict]) -> Dict[str, float]:
+    """Exact match of generated captions against the samples' (und.caption.exact) and, where a sample's
+    caption is a built-in shapes caption, the share right on each attribute (und.caption.<attribute>)."""
+    from mmar_cli.metrics.judges import CheckerJudge
+
+    metrics = {"und.caption.exact": exact_match(captions, [s["caption"] for s in samples])}
+    checker = CheckerJudge()
+    scored = [(c, checker.expected(s)) for c, s in zip(captions, samples)]
+    scored = [caption_hits(c, e) for c, e in scored if e is not None]
+    if scored:
+        metrics.update({f"und.caption.{k}": v for k, v in mean_hits(scored).items()})
+    return metrics
+
+
 def text_similarity(predictions: Sequence[str], truths: Sequence[str]) -> Dict[str, float]:
     """Corpus BLEU-4 and mean ROUGE-L F-measure (torchmetrics) of generated against true texts, compared
     in `normalise`d form: what exact match misses on free-form captions (a right word order, a synonym)."""

@@ -69,3 +69,13 @@ def group_spread(real: np.ndarray, generated: np.ndarray, groups: Sequence[Hasha
             if base > 0:
                 ratios.append(_mean_pairwise(generated[rows]) / base)
     return {"spread": float(np.mean(ratios)) if ratios else float("nan"), "groups": len(ratios)}
+
+
+def spread_groups(samples: Sequence[dict], label_key: str) -> tuple[list, str]:
+    """What the within-group spread compares: the class when every sample has one, else the prompt."""
+    from mmar_cli.metrics.judges import read_label
+
+    labels = [read_label(s, label_key) for s in samples]
+    if all(label is not None for label in labels):
+        return labels, "class"
+    return [s["caption"] for s in samples], "prompt"

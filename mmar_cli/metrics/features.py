@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmar_cli.seeding import generator
+
 NAME = "mmar-random-conv"
 VERSION = "1"
 SEED = 0
@@ -32,7 +34,7 @@ class RandomConvFeatures(nn.Module):
             nn.AdaptiveAvgPool2d(2), nn.Flatten(),
         )
         # Drawn from our own generator so the weights do not depend on the global RNG state.
-        g = torch.Generator().manual_seed(SEED)
+        g = generator(SEED)
         for conv in self.net:
             if isinstance(conv, nn.Conv2d):
                 fan_in = conv.weight[0].numel()

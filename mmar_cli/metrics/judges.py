@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmar_cli import __version__
+from mmar_cli import __version__, seeding
 from mmar_cli.data.checker import ATTRIBUTES
 from mmar_cli.errors import UserError
 
@@ -127,16 +127,14 @@ def train_classifier(inputs: torch.Tensor, targets: np.ndarray, classes: int, se
     """AdamW with a one-cycle LR on shifted copies of `inputs` (`to_judge_input`'s), a fixed number of
     steps, seeded: the same data and seed give the same judge."""
     r = RECIPE
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # init and dropout
+    generator = seeding.generator(seed)
+    with seeding.forked(seed):  # init and dropout
         model = SmallCNN(classes)
     x, y = inputs, torch.from_numpy(targets).long()
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"], pct_start=0.15)
     model.train()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with seeding.forked(seed):
         order, at = torch.randperm(len(x), generator=generator), 0
         for _ in range(r["steps"]):
             if at + r["batch_size"] > len(x):  # a new pass over the data, in a new order
@@ -293,3 +291,42 @@ def classifier_judge(train_dir: str | Path, image_tok, label_key: str, seed: int
             "images": "training tokens decoded by the checkpoint's image tokenizer", "mmar_version": __version__}
     _save_cache(model, info, weights, info_path, log)
     return ClassifierJudge(model, classes, label_key, info)
+
+
+# --------------------------------------------------------------------------------------------------
+# The judges of a held-out set
+# --------------------------------------------------------------------------------------------------
+def judges_for(cfg, samples: List[dict], data: Path, data_manifest: dict, image_tok, notes: List[str],
+               log=print) -> list:
+    """The judges that apply to these held-out samples: the checker where captions are built-in shapes
+    captions, a classifier where samples carry a label (trained on the training split's real images, which
+    must share the held-out data's tokenizers). `cfg`: the EvaluateConfig (label_key, judge_data,
+    judge_seed); what a judge cannot score is added to `notes`. Built before anything is generated, so a
+    setting that cannot work fails in seconds."""
+    from mmar_cli.data.shards import check_compatible, read_manifest
+
+    checker = CheckerJudge()
+    found = [checker] if any(checker.expected(s) is not None for s in samples) else []
+    labels = [read_label(s, cfg.label_key) for s in samples]
+    if any(label is not None for label in labels):
+        train_dir = Path(cfg.judge_data) if cfg.judge_data else data.parent / "train"
+        if not (train_dir / "manifest.json").is_file():
+            raise UserError(f"the held-out samples carry labels ('{cfg.label_key}') but {train_dir} holds no training "
+                            "shards to train a judge on; set judge_data=DIR (the training split's shards)")
+        try:
+            check_compatible(data_manifest, read_manifest(train_dir))
+        except UserError as e:
+            raise UserError(f"judge_data {train_dir} vs data {data}: {e}") from None
+        classifier = classifier_judge(train_dir, image_tok, cfg.label_key, cfg.judge_seed, log=log)
+        missing = labels.count(None)
+        unseen = sorted({lab for lab in labels if lab is not None and lab not in classifier.index})
+        if missing:
+            notes.append(f"{missing} held-out samples have no '{cfg.label_key}': not judged by the classifier")
+        if unseen:
+            notes.append(f"{sum(lab in unseen for lab in labels)} held-out samples carry labels never seen in "
+                         f"training (e.g. {unseen[0]!r}): not judged by the classifier")
+        found.append(classifier)
+    elif not found:
+        notes.append(f"no judge for these samples: the captions are not built-in shapes captions and no sample "
+                     f"has a '{cfg.label_key}' (set label_key to the JSON field that holds the class)")
+    return found

@@ -4,13 +4,14 @@ The backbone reads text embeddings and image-token embeddings in the fixed frame
 mmar_cli/data/sequence.py. Text is predicted by an LM head; each masked image token's value is drawn by
 a small diffusion head conditioned on the backbone's hidden state at that token (MAR inside an LLM).
 The backbone only ever sees clean or masked image tokens, never noisy ones, so understanding loses no
-image information.
+image information. This file holds the model and its training losses; mmar_cli/model/generate.py draws
+images and text with it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -19,89 +20,14 @@ import torch.nn.functional as F
 from mmar_cli.data.sequence import IGNORE, TASK_NAMES, Layout
 from mmar_cli.model.attention_mask import build_attention_mask
 from mmar_cli.model.backbone import Backbone
-from mmar_cli.model.diffusion import GaussianDiffusion, cfg_combine
+from mmar_cli.model.diffusion import GaussianDiffusion
 from mmar_cli.model.diffusion_head import DiffusionHead
-
-Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
-
-
-# --------------------------------------------------------------------------------------------------
-# Image embedding layers
-# --------------------------------------------------------------------------------------------------
-class EmbeddingViT(nn.Module):
-    """Image tokens [B, N, D] -> backbone width: values + learned row/column position, masked tokens
-    replaced by a learned mask embedding.
-
-    The values go through a linear map of each token, or with `image_proj_kernel` k > 1 through a k x k
-    convolution over the token grid, so a position also sees its neighbours: a shape split over patches is
-    then visible at one position, and a masked position reads the known tokens around it (their values are
-    zeroed where masked, and a channel says which are known).
-    """
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.grid = tuple(cfg.image_grid)
-        self.kernel = cfg.image_proj_kernel
-        if self.kernel > 1:  # each position also reads its known neighbours' values (and which are known)
-            self.proj = nn.Conv2d(cfg.token_dim + 1, cfg.width, self.kernel, padding=self.kernel // 2)
-        else:
-            self.proj = nn.Linear(cfg.token_dim, cfg.width)
-        # what the backbone reads at masked positions: at GPT-2's 0.02 these are far smaller than the
-        # projected values of known tokens (model.embed_init_std)
-        std = cfg.embed_init_std
-        self.row_embed = nn.Parameter(torch.randn(self.grid[0], cfg.width) * std)
-        self.col_embed = nn.Parameter(torch.randn(self.grid[1], cfg.width) * std)
-        self.mask_embed = nn.Parameter(torch.randn(cfg.width) * std)
-
-    def forward(self, tokens: torch.Tensor, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.kernel > 1:  # masked values are zeroed first: nothing of them leaks to a neighbour
-            known = torch.ones_like(tokens[..., :1]) if masked is None else (~masked)[..., None].to(tokens.dtype)
-            grid = torch.cat([tokens * known, known], -1).transpose(1, 2).unflatten(2, self.grid)
-            x = self.proj(grid).flatten(2).transpose(1, 2)
-            if masked is not None:
-                x = x + masked[..., None] * self.mask_embed.to(x.dtype)
-        else:
-            x = self.proj(tokens)
-            if masked is not None:
-                x = torch.where(masked[..., None], self.mask_embed.to(x.dtype), x)
-        pos = (self.row_embed[:, None] + self.col_embed[None, :]).reshape(-1, x.shape[-1])
-        return x + pos.to(x.dtype)
-
-
-class VisProjector(nn.Module):
-    """Backbone hidden state -> condition of the diffusion head."""
-
-    def __init__(self, width: int, cond_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(width, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
-
-    def forward(self, h):
-        return self.net(h)
+from mmar_cli.model.embedders import EmbeddingViT, VisProjector
 
 
 # --------------------------------------------------------------------------------------------------
-# Random helpers (global RNG, one generator, or one generator per row)
+# Masked image modelling: the mask ratio's distribution
 # --------------------------------------------------------------------------------------------------
-def _row_generators(generator: Generators, rows: int) -> list:
-    """One generator (or None) per row. A list gives rows their own streams, so a row's draws do not
-    depend on which other rows share its batch."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return [generator] * rows
-    if len(generator) != rows:
-        raise ValueError(f"{len(generator)} generators for {rows} rows")
-    return list(generator)
-
-
-def _randn_rows(gens: list, shape: tuple, device) -> torch.Tensor:
-    """[rows, *shape] standard normal, row i drawn from gens[i]."""
-    return torch.stack([torch.randn(shape, generator=g, device=_device(g, device)) for g in gens]).to(device)
-
-
-def _device(generator: Optional[torch.Generator], default):
-    """Draws from a generator must happen on its device (a CPU generator keeps CUDA runs reproducible)."""
-    return default if generator is None else generator.device
-
-
 def truncated_normal(n: int, mean: float, std: float, low: float, high: float, device=None,
                      generator=None) -> torch.Tensor:
     """[n] draws of N(mean, std) truncated to [low, high] (inverse CDF)."""
@@ -113,55 +39,18 @@ def truncated_normal(n: int, mean: float, std: float, low: float, high: float, d
     return x.clamp(low, high)
 
 
-def cosine_known(step: int, iterations: int, n: int) -> int:
-    """Image tokens known after iteration `step` (0-based): 1 - cos(pi/2 (step+1)/K) of them, at least
-    one more than before and all of them at the end."""
-    if iterations > n:
-        raise ValueError(f"{iterations} iterations for {n} tokens: at most one iteration per token")
-    if step + 1 >= iterations:
-        return n
-    before = 0 if step == 0 else cosine_known(step - 1, iterations, n)
-    target = math.floor(n * (1 - math.cos(math.pi / 2 * (step + 1) / iterations)))
-    # leave at least one token for each remaining iteration
-    return min(max(target, before + 1), n - (iterations - step - 1))
-
-
-def iteration_temperature(gen, step: int, iterations: int) -> float:
-    """The diffusion temperature of iteration `step`: gen.temperature, moving linearly to
-    gen.temperature_end (when set) at the last iteration. Late draws read many known neighbours, and
-    a low temperature keeps them to what those say; early ones need the spread."""
-    if gen.temperature_end is None or iterations == 1:
-        return gen.temperature
-    return gen.temperature + (gen.temperature_end - gen.temperature) * step / (iterations - 1)
-
-
-def _sample_text(logits: torch.Tensor, gen, gens: list) -> torch.Tensor:
-    """Next token per row from logits [B, V]: greedy at text_temperature 0, else top-k / top-p sampling."""
-    if gen.text_temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / gen.text_temperature
-    if gen.top_k > 0:
-        kth = logits.topk(min(gen.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if gen.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > gen.top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(probs[i].to(_device(g, probs.device)), 1, generator=g).to(probs.device)
-                      for i, g in enumerate(gens)])
-
-
 # --------------------------------------------------------------------------------------------------
 # Core model
 # --------------------------------------------------------------------------------------------------
 class MMAR(nn.Module):
-    """`cfg`: a resolved ModelConfig (presets.resolve) with vocab_size, token_dim and image_grid set."""
+    """`cfg`: a resolved ModelConfig (presets.resolve) with vocab_size, token_dim and image_grid set.
+    `specials`: the text tokenizer's special-token ids (`tokenizers.text.Specials`), which generation
+    writes and stops at; a model built only to be trained or to receive weights may go without."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, specials=None):
         super().__init__()
         self.cfg = cfg
+        self.specials = specials
         self.backbone = Backbone(cfg)
         self.image_embed = EmbeddingViT(cfg)
         self.vis_proj = VisProjector(cfg.width, cfg.diffusion.width)
@@ -305,122 +194,6 @@ class MMAR(nn.Module):
             if rows_of_task.any():
                 out[f"loss_{name}"] = row_loss[rows_of_task].mean().detach()
         return out
-
-    # ----------------------------------------------------------------------------------------------
-    # Text -> image
-    # ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate_images(self, prefix_ids: torch.Tensor, uncond_ids: Optional[torch.Tensor], gen, boi_id: int,
-                        generator: Generators = None, *, pad_id: int) -> torch.Tensor:
-        """Images [B, N, D] for left-padded prompts [B, P] (data.sequence.encode_prefix).
-
-        uncond_ids: the unconditional prompts for classifier-free guidance (None or gen.cfg == 1: none).
-        generator: one generator, or one per row: then each row's image is what it would be alone.
-        The prompt runs once and its keys/values are cached; each of the gen.iterations steps (at most
-        one per image token: more would have nothing to draw) re-runs
-        BOI + image with the known tokens filled in and the rest masked, and draws the next tokens (in a
-        random order per row) with the diffusion head. Only the positions drawn in a step are read out:
-        the last block runs its queries and MLP on them alone, and each one's condition is projected
-        once for all the diffusion steps.
-        """
-        lay = self.layout
-        B, N, D, dev = prefix_ids.shape[0], lay.num_image_tokens, self.cfg.token_dim, prefix_ids.device
-        guided = uncond_ids is not None and gen.cfg != 1.0
-        rows = torch.cat((prefix_ids, uncond_ids)) if guided else prefix_ids
-        R, P = rows.shape[0], lay.prefix_len
-        gens = _row_generators(generator, B)
-
-        valid = torch.ones(R, lay.gen_len, dtype=torch.bool, device=dev)
-        valid[:, :P] = rows != pad_id
-        mask = build_attention_mask(lay.image_span()[:lay.gen_len], valid)
-        positions = torch.arange(lay.gen_len, device=dev)
-        cache = self.backbone.new_cache()
-        self.backbone(self.backbone.embed_tokens(rows), positions[:P], mask[:, :, :P, :P], cache)
-        boi = self.backbone.embed_tokens(torch.full((R, 1), boi_id, device=dev))
-
-        orders = torch.stack([torch.randperm(N, generator=g, device=_device(g, dev)).to(dev)
-                              for g in gens])
-        tokens = torch.zeros(B, N, D, device=dev)
-        known = torch.zeros(B, N, dtype=torch.bool, device=dev)
-        n_known = 0
-        iterations = min(gen.iterations, N)
-        for step in range(iterations):
-            n_next = cosine_known(step, iterations, N)
-            idx = orders[:, n_known:n_next]  # [B, m]: this step's new positions
-            image = self.image_embed(tokens, ~known).to(boi.dtype)
-            x = torch.cat((boi, image.repeat(R // B, 1, 1)), dim=1)
-            # the hidden states of the positions drawn now, [R, m, width] (BOI is position 0)
-            h = self.backbone(x, positions[P:], mask[:, :, P:], cache, update_cache=False,
-                              keep=1 + idx.repeat(R // B, 1))
-            cond = self.head.cond_proj(self.vis_proj(h).reshape(-1, self.head.cond_proj.in_features))
-            scale = 1.0 + (gen.cfg - 1.0) * ((step + 1) / iterations if gen.cfg_schedule == "linear" else 1.0)
-
-            def denoise(x_t, t):
-                m = x_t.shape[1]
-                x_in = x_t.repeat(R // B, 1, 1).reshape(-1, D)
-                c = self.head.time(torch.tensor(t, device=dev)) + cond
-                pred = self.head.denoise(x_in, c).float().view(R, m, D)
-                return cfg_combine(pred[:B], pred[B:], scale) if guided else pred
-
-            shape = (idx.shape[1], D)  # each row's noise from its own generator
-            values = self.diffusion.sample(denoise, lambda: _randn_rows(gens, shape, dev), gen.diffusion_steps,
-                                           gen.sampler, iteration_temperature(gen, step, iterations),
-                                           self.cfg.token_bound)
-            tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, D), values.to(tokens.dtype))
-            known = known.scatter(1, idx, True)
-            n_known = n_next
-        return tokens
-
-    # ----------------------------------------------------------------------------------------------
-    # Image -> text
-    # ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate_text(self, image_tokens: torch.Tensor, prefix_ids: torch.Tensor, gen, boi_id: int, eoi_id: int,
-                      eos_id: int, use_cache: bool = True, generator: Generators = None, *,
-                      pad_id: int) -> List[List[int]]:
-        """Text after each clean image: [BOS CAP] -> caption or [BOS question ANS] -> answer.
-
-        Greedy (gen.text_temperature 0) or top-k/top-p sampling, at most min(gen.max_new_tokens,
-        max_suffix_len) tokens; a row stops at EOS (returned without it, nothing after it), the batch
-        when every row has stopped. use_cache=False recomputes the whole sequence each token (a check).
-        """
-        lay = self.layout
-        B, dev = prefix_ids.shape[0], prefix_ids.device
-        gens = _row_generators(generator, B)
-        ids = torch.full((B, lay.length), pad_id, dtype=torch.long, device=dev)
-        ids[:, :lay.prefix_len] = prefix_ids
-        ids[:, lay.boi], ids[:, lay.eoi] = boi_id, eoi_id
-        valid = torch.ones(B, lay.length, dtype=torch.bool, device=dev)
-        valid[:, :lay.prefix_len] = prefix_ids != pad_id
-        mask = build_attention_mask(lay.image_span(), valid)
-        positions = torch.arange(lay.length, device=dev)
-        x = self.embed(ids, image_tokens.to(self.image_embed.mask_embed.dtype))
-        cache = self.backbone.new_cache() if use_cache else None
-
-        end = lay.suffix_start  # positions [0, end) are known
-        h = self.backbone(x[:, :end], positions[:end], mask[:, :, :end, :end], cache)
-        out = torch.empty(B, 0, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        for _ in range(min(gen.max_new_tokens, lay.suffix_len)):
-            nxt = _sample_text(self.backbone.logits(h[:, -1]), gen, gens)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            out = torch.cat((out, nxt[:, None]), dim=1)
-            done |= nxt == eos_id
-            if done.all() or end == lay.length:
-                break
-            x_new = self.backbone.embed_tokens(nxt[:, None])
-            if use_cache:
-                h = self.backbone(x_new, positions[end:end + 1], mask[:, :, end:end + 1, :end + 1], cache)
-            else:
-                x = torch.cat((x[:, :end], x_new, x[:, end + 1:]), dim=1)
-                h = self.backbone(x[:, :end + 1], positions[:end + 1], mask[:, :, :end + 1, :end + 1])
-            end += 1
-        return [_until_eos(row, eos_id) for row in out.tolist()]
-
-
-def _until_eos(row: List[int], eos_id: int) -> List[int]:
-    return row[:row.index(eos_id)] if eos_id in row else row
-
 
 def _per_row_mean(values: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
     """[B] mean of `values` grouped by their row index (0 for rows without values)."""
