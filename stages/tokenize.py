@@ -37,13 +37,13 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import typer
 from rich.console import Console
 
 from mmar_cli.cli_common import CONFIG_HELP, OVERRIDES_HELP, command_line, handle_errors, single_command_app
 from mmar_cli.config import TokenizeConfig, load_config, load_preset, to_container
 from mmar_cli.data import shards, sources
+from mmar_cli.data.augment import shifted_copies
 from mmar_cli.errors import UserError, console
 from mmar_cli.metrics.judges import JUDGE_CACHE
 from mmar_cli.progress import progress
@@ -73,29 +73,6 @@ def _image_tokenizer(directory: str, spec: dict):
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
-
-
-def shifted_copies(images: np.ndarray, keys: List[str], copies: int, max_px: int, max_deg: float = 0.0,
-                   max_scale: float = 0.0) -> np.ndarray:
-    """uint8 [B, H, W, 3] -> [B, copies, H, W, 3]: each image moved by a whole number of pixels up to `max_px`
-    each way, turned by up to `max_deg` degrees and scaled by 1 +- up to `max_scale` about its centre
-    (bilinear; outside the image the edge pixels are repeated). The moves are drawn from a generator seeded
-    by the sample's key, so a sample's copies are the same for any worker count or shard size."""
-    b, h, w, _ = images.shape
-    theta = np.zeros((b, copies, 2, 3))
-    for i, key in enumerate(keys):
-        rng = np.random.default_rng(sources.key_hash("shift", key))
-        dy, dx = (rng.integers(0, 2 * max_px + 1, (copies, 2)) - max_px).T
-        angle = np.deg2rad(rng.uniform(-max_deg, max_deg, copies)) if max_deg else np.zeros(copies)
-        scale = 1 + rng.uniform(-max_scale, max_scale, copies) if max_scale else np.ones(copies)
-        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
-        # output pixel (x, y) reads input (A [x, y] + t) in grid_sample's [-1, 1] coordinates
-        theta[i, :, 0] = np.stack([cos, -sin * h / w, 2 * dx / w], -1)
-        theta[i, :, 1] = np.stack([sin * w / h, cos, 2 * dy / h], -1)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().repeat_interleave(copies, 0)
-    grid = F.affine_grid(torch.from_numpy(theta).float().reshape(-1, 2, 3), list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(b, copies, h, w, 3).numpy()
 
 
 def tokenize_chunk(job: dict, progress=None) -> dict:

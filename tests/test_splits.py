@@ -335,7 +335,7 @@ def test_a_split_not_written_again_does_not_survive_overwrite(tmp_path):
 
 
 def test_shifted_copies_move_the_image_by_a_key_seeded_offset_with_repeated_edges():
-    from stages.tokenize import shifted_copies
+    from mmar_cli.data.augment import shifted_copies
 
     image = np.zeros((1, 8, 8, 3), np.uint8)
     image[0, 4, 4] = 255
@@ -379,7 +379,7 @@ def test_an_unsplit_run_replaces_an_earlier_split_output_with_overwrite(tmp_path
 
 
 def test_turned_and_scaled_copies_keep_the_centre_and_turn_by_at_most_the_angle():
-    from stages.tokenize import shifted_copies
+    from mmar_cli.data.augment import shifted_copies
 
     bar = np.zeros((1, 32, 32, 3), np.uint8)
     bar[0, 15:17, 6:26] = 255  # a horizontal bar through the centre
