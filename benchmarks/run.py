@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
+import results_file  # noqa: E402
+from results_file import load_average, table  # noqa: E402
 from mmar_cli.machine import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,16 +79,6 @@ _START = time.perf_counter()
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - _START:6.0f} s] {message}", flush=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# The machine
-# --------------------------------------------------------------------------------------------------
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,11 +224,6 @@ def targets(training: dict, sampling: dict, data: List[dict]) -> List[str]:
                      f"{100 * r['wait_frac_later']:.1f} % in later ones, from the loader's cache "
                      f"(target < {100 * MAX_DATA_WAIT:.0f} %)")
     return lines
-
-
-def table(header: List[str], rows: List[list]) -> List[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def report(info: dict, training: dict, scaling: dict, data: List[dict], sampling: dict, lines: List[str]) -> str:
@@ -418,8 +405,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
             "sha256_gbs": sha256_gbs}
     lines = targets(training, sampling, data)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report(info, training, scaling, data, sampling, lines))
+    results_file.write(out, report(info, training, scaling, data, sampling, lines))  # keeps bench-scale's section
     log("\n".join(["", *lines, "", f"written: {out}"]))
     return {"out": out, "training": training, "scaling": scaling, "data": data, "sampling": sampling,
             "sha256_gbs": sha256_gbs}
