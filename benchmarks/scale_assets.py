@@ -22,7 +22,7 @@ import io
 import itertools
 import json
 from pathlib import Path
-from typing import Iterator, Sequence, Tuple
+from typing import Iterator, Sequence
 
 import torch
 
@@ -93,8 +93,8 @@ def qwen2_checkpoint(directory: str | Path, preset: str = "qwen2-0.5b", seed: in
     return Path(directory)
 
 
-def photos(n: int, size: int = 256) -> Iterator[Tuple[str, str, "PIL.Image.Image"]]:  # noqa: F821
-    """(key, caption, RGB picture) of n built-in training images drawn at 64 px and enlarged to `size`."""
+def photos(n: int, size: int = 256) -> Iterator[tuple]:
+    """(key, caption, RGB PIL image) of n built-in training images drawn at 64 px and enlarged to `size`."""
     from PIL import Image
 
     from mmar_cli.data import shapes
