@@ -37,7 +37,7 @@ $(VENV)/.example-stamp: $(STAMP)
 bench: setup
 	$(BIN)/python benchmarks/run.py
 
-## the paper's sizes (qwen2-0.5b + KL-16) through every stage on this machine (2 CPU cores: ~25 min, ~14 GiB)
+## the paper's sizes (qwen2-0.5b + KL-16) through every stage on this machine (2 CPU cores: 25-35 min, 14.5 GiB)
 ## -> its own section of benchmarks/results.md
 bench-scale: setup
 	$(BIN)/python benchmarks/bench_scale.py

@@ -1,7 +1,7 @@
 """`make bench-scale`: the paper's configuration at its real size, end to end through the `mmar` commands,
 on whatever machine runs it; writes the section "Real size" of benchmarks/results.md.
 
-    python benchmarks/bench_scale.py                         # qwen2-0.5b + KL-16 (2 CPU cores: ~25 min, ~13 GiB)
+    python benchmarks/bench_scale.py                         # qwen2-0.5b + KL-16 (2 CPU cores: 25-35 min, 14.5 GiB)
     python benchmarks/bench_scale.py --quick --out /tmp/r.md # a narrow VAE and a 2-block backbone, same commands
     python benchmarks/bench_scale.py --keep runs/bench-scale # keep the files (two checkpoints of ~8 GB each)
 
