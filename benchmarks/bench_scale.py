@@ -66,10 +66,12 @@ class Sizes:
     vae: dict = field(default_factory=dict)  # scale_assets.kl16_vae's channels/groups (default: KL-16's)
     backbone: dict = field(default_factory=dict)  # sizes replacing the qwen2-0.5b preset's (default: none)
     head: dict = field(default_factory=dict)  # model.diffusion sizes (default: the preset's)
+    startup: bool = True  # also time a command that only imports (`mmar config show`)
 
 
 QUICK = Sizes(photos=4, batch=2, vae=dict(channels=(32,) * 5, groups=8),
-              backbone=dict(width=64, depth=2, heads=2, kv_heads=1, mlp_hidden=128), head=dict(width=64, depth=1))
+              backbone=dict(width=64, depth=2, heads=2, kv_heads=1, mlp_hidden=128), head=dict(width=64, depth=1),
+              startup=False)
 
 _START = time.perf_counter()
 
@@ -216,7 +218,7 @@ def run_stages(work: Path, assets: dict, sizes: Sizes) -> dict:
     tokens, pre, fine = work / "tokens", work / "pretrain", work / "finetune"
     model = [f"model.{k}={v}" for k, v in sizes.backbone.items()]
     model += [f"model.diffusion.{k}={v}" for k, v in sizes.head.items()]
-    stages = {"start-up": run_stage("start-up", ["config", "show", "tokenize"], logs)}
+    stages = {"start-up": run_stage("start-up", ["config", "show", "tokenize"], logs)} if sizes.startup else {}
     stages["tokenize"] = run_stage("tokenize", [
         "tokenize", "--config", "configs/tokenize/qwen2-0.5b.yaml", f"--input={assets['photos']}", f"--out={tokens}",
         "val_fraction=0", "workers=1", f"image_tokenizer.vae_path={assets['vae']}",
@@ -295,9 +297,9 @@ def report(info: dict, r: dict, sizes: Sizes) -> str:
         return ", ".join(f"step {i + 1}: {t:.1f} s" for i, t in enumerate(s[name]["steps"])) + \
             f" ({train}; step 1 includes loading the first batch, in whole seconds)"
 
-    rows = [
-        ["start-up", "`mmar config show tokenize`: imports only", "–", f"{s['start-up']['seconds']:.1f}", "–",
-         f"{s['start-up']['rss_gib']:.2f}"],
+    rows = [["start-up", "`mmar config show tokenize`: imports only", "–", f"{s['start-up']['seconds']:.1f}", "–",
+             f"{s['start-up']['rss_gib']:.2f}"]] if "start-up" in s else []
+    rows += [
         ["tokenize", f"{images} photos (and their flips) → {grid} tokens of {image_spec['token_dim']} values",
          f"VAE encoder {millions(vae['encoder'])}", f"{s['tokenize']['seconds']:.1f}",
          f"{s['tokenize']['seconds'] / images:.1f} s per photo (wall / photos)", f"{s['tokenize']['rss_gib']:.2f}"],
