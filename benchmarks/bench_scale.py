@@ -42,12 +42,11 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import results_file  # noqa: E402
-from results_file import load_average, table  # noqa: E402
+from report_tools import load_average, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results.md"
-SECTION = "bench-scale"
+SECTION = "make bench-scale"
 GiB = 2 ** 30
 # FSDP full sharding, bf16-mixed, AdamW: fp32 weights (4) + fp32 gradients (4) + two fp32 moments (8)
 BYTES_PER_PARAM = 16
@@ -385,7 +384,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 "quick": args.quick, "seconds": (datetime.datetime.now() - start).total_seconds(),
                 "load": (load_start, load_average())}
         text = report(info, result, sizes)
-    results_file.write(args.out, text, section=SECTION)
+    from mmar_cli.results import record_section
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    record_section(Path(args.out), SECTION, text)
     log(f"written: {args.out} (section {SECTION})")
     return {**result, "text": text, "out": Path(args.out)}
 

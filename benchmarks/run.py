@@ -31,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
-import results_file  # noqa: E402
-from results_file import load_average, table  # noqa: E402
+from report_tools import load_average, table  # noqa: E402
 from mmar_cli.machine import machine  # noqa: E402
+from mmar_cli.results import record_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results.md"
+SECTION = "make bench"
 TOY_MODEL = dict(width=64, depth=2, heads=2, kv_heads=1, mlp_hidden=128, diffusion=dict(width=64, depth=1))
 
 # Targets (see the report's "Targets" section).
@@ -405,7 +406,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
             "sha256_gbs": sha256_gbs}
     lines = targets(training, sampling, data)
     out = Path(args.out)
-    results_file.write(out, report(info, training, scaling, data, sampling, lines))  # keeps bench-scale's section
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a section of its own: `make bench-scale` keeps another in the same file
+    record_section(out, SECTION, report(info, training, scaling, data, sampling, lines))
     log("\n".join(["", *lines, "", f"written: {out}"]))
     return {"out": out, "training": training, "scaling": scaling, "data": data, "sampling": sampling,
             "sha256_gbs": sha256_gbs}

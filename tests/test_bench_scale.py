@@ -1,4 +1,4 @@
-"""`make bench-scale` (benchmarks/bench_scale.py): its section of the results file, the step times it reads
+"""`make bench-scale` (benchmarks/bench_scale.py): its section of benchmarks/results.md, the step times it reads
 from the trainer's lines, the parameter counts of the qwen2 presets on the meta device, the FSDP memory rows,
 and (slow) its --quick run through every `mmar` command with a narrow VAE and a 2-block backbone."""
 
@@ -12,23 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_scale  # noqa: E402
-import results_file  # noqa: E402
 
 from mmar_cli.config import ModelConfig  # noqa: E402
 from mmar_cli.model.presets import PRESETS, count_params, resolve  # noqa: E402
+from mmar_cli.results import markers, record_section  # noqa: E402
 
 
-def test_each_benchmark_rewrites_only_its_own_part_of_the_results(tmp_path):
-    out = tmp_path / "results.md"
-    results_file.write(out, "# mmar benchmarks\n\nfirst bench\n")
-    results_file.write(out, "## Real size\n\nfirst scale\n", section="bench-scale")
-    results_file.write(out, "# mmar benchmarks\n\nsecond bench\n")  # `make bench` again
-    text = out.read_text()
-    assert "first bench" not in text and "second bench" in text and "first scale" in text
-    results_file.write(out, "## Real size\n\nsecond scale\n", section="bench-scale")
-    text = out.read_text()
-    assert text.count("## Real size") == 1 and "first scale" not in text
-    assert text.index("second bench") < text.index("<!-- bench-scale: begin -->") < text.index("second scale")
+def test_results_md_holds_each_benchmarks_section_once():
+    import run as bench_run  # `make bench`: its report is a section too, so neither run removes the other's
+
+    text = (ROOT / "benchmarks" / "results.md").read_text()
+    for name in (bench_run.SECTION, bench_scale.SECTION):
+        assert all(text.count(m) == 1 for m in markers(name)), name
 
 
 def test_step_times_come_from_the_trainers_lines():
@@ -69,11 +64,12 @@ def test_quick_run_goes_through_every_command(tmp_path):
     from PIL import Image
 
     out = tmp_path / "results.md"
-    out.write_text("# mmar benchmarks\n\nmake bench's report\n")
+    record_section(out, "make bench", "# mmar benchmarks\n\nmake bench's report\n")
+    before = out.read_text()
     res = bench_scale.main(["--quick", "--out", str(out), "--keep", str(tmp_path / "work")])
     text = out.read_text()
-    assert text.startswith("# mmar benchmarks\n\nmake bench's report\n")
-    assert "<!-- bench-scale: begin -->" in text and "--quick: a narrow VAE" in text
+    assert text.startswith(before) and all(text.count(m) == 1 for m in markers(bench_scale.SECTION))
+    assert "--quick: a narrow VAE" in text
     stages = res["stages"]
     for name in ("tokenize", "pretrain", "finetune", "sample", "caption"):
         assert stages[name]["seconds"] > 0 and stages[name]["rss_gib"] > 0.1, name
