@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
 import scale_assets  # noqa: E402
-from results_file import table  # noqa: E402
+from report_tools import table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results-gpu.md"
@@ -150,10 +150,9 @@ def tokenized_photos(work: Path) -> Path:
 def fsdp_run(shards: Path, out: Path, strategy: str) -> dict:
     """`mmar pretrain` of the qwen2-0.5b preset on one GPU (in this process, so its peak memory is read)."""
     from mmar_cli.config import TrainConfig, load_config
-    from stages.pretrain import DEFAULTS
     from stages.train_common import run
 
-    cfg = load_config(TrainConfig, ROOT / "configs" / "pretrain" / "qwen2-0.5b.yaml", defaults=DEFAULTS, overrides=[
+    cfg = load_config(TrainConfig, ROOT / "configs" / "pretrain" / "qwen2-0.5b.yaml", overrides=[
         f"data={shards}", "val_data=null", f"out={out}", f"trainer.max_steps={FSDP_STEPS}", "trainer.batch_size=8",
         "trainer.devices=1", "trainer.num_nodes=1", f"trainer.strategy={strategy}", "trainer.ema_decay=0",
         "trainer.num_workers=2", f"trainer.ckpt_every={FSDP_STEPS}", "model.init_from_qwen2=null"])

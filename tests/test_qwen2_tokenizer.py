@@ -59,7 +59,7 @@ def test_the_qwen2_backbone_has_a_row_for_every_id_and_a_caption_round_trips(qwe
 
     tokenize.run(load_config(TokenizeConfig, overrides=[
         f"out={tmp_path / 'shapes'}", "shapes.num_train=4", "shapes.num_val=0", "shapes.num_test=0",
-        "text_tokenizer.kind=file", f"text_tokenizer.path={qwen2_dir}"]))
+        "image_tokenizer.kind=patch", "text_tokenizer.kind=file", f"text_tokenizer.path={qwen2_dir}"]))
     shards = tmp_path / "shapes" / "train"
     tok, image_tok = load_tokenizers(shards)  # from the copy beside the shards, checked against the manifest
     assert tok.spec()["base_vocab_size"] == QWEN2_IDS and tok.specials.boi == 151649
