@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test eval bench example-mnist clean
+.PHONY: setup demo test eval bench bench-scale example-mnist clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ $(VENV)/.example-stamp: $(STAMP)
 ## speed and memory figures -> benchmarks/results.md
 bench: setup
 	$(BIN)/python benchmarks/run.py
+
+## the paper's sizes (qwen2-0.5b + KL-16) through every stage on this machine (2 CPU cores: 25-35 min, 14.5 GiB)
+## -> its own section of benchmarks/results.md
+bench-scale: setup
+	$(BIN)/python benchmarks/bench_scale.py
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -62,19 +62,30 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 5, warmup_s: float = 1.0) -> float:
-    """GFLOP/s of the best of `repeats` n×n torch.mm in `dtype`: the ceiling a training step is held to.
-    The CPU first multiplies for `warmup_s`: timed cold, the fp32 peak of this machine read 153 GFLOP/s in
-    two runs, under the 190 it reaches warm and under what the small preset's training then reached."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the GPU's queued work, so a wall clock measures it (no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 5, warmup_s: float = 1.0, device: str = "cpu",
+                inner: int = 1) -> float:
+    """GFLOP/s of the best of `repeats` runs of `inner` n×n torch.mm in `dtype`: the ceiling a training step is
+    held to. The CPU first multiplies for `warmup_s`: timed cold, the fp32 peak of this machine read 153 GFLOP/s
+    in two runs, under the 190 it reaches warm and under what the small preset's training then reached. On a
+    GPU one product takes microseconds: `inner` of them are timed together."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     start = time.perf_counter()
     while time.perf_counter() - start < warmup_s:
         torch.mm(a, b)
+        synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+        for _ in range(inner):
+            torch.mm(a, b)
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / inner)
     return 2 * n ** 3 / best / 1e9
 
 
@@ -106,22 +117,23 @@ def synthetic_batch(tok, layout, token_dim: int, batch_size: int, seed: int = 0)
 class TrainStep:
     """One optimizer step of the trainer on a batch: forward, backward, clip, AdamW, EMA."""
 
-    def __init__(self, cfg, precision: str, seed: int = 0):
+    def __init__(self, cfg, precision: str, seed: int = 0, device: str = "cpu"):
         torch.manual_seed(seed)
-        self.model = MMAR(cfg).train()
+        self.device = torch.device(device)
+        self.model = MMAR(cfg).train().to(self.device)
         self.optim = torch.optim.AdamW(param_groups(self.model, OptimConfig()), lr=1e-4)
         self.ema = EMA(self.model, 0.999)
         self.bf16 = precision == "bf16-mixed"
 
     def __call__(self, batch: dict) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.model({k: batch[k] for k in MODEL_KEYS})["loss"]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.model({k: batch[k].to(self.device) for k in MODEL_KEYS})["loss"]
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optim.step()
         self.optim.zero_grad(set_to_none=True)
         self.ema.update(self.model)
-        return float(loss.detach())
+        return float(loss.detach())  # on a GPU: waits for the step
 
 
 def _matmul_weights(module: nn.Module) -> int:
@@ -155,9 +167,9 @@ def train_flops(model: MMAR, batch: dict, draws: int = 32) -> float:
     return total / draws
 
 
-def train_speed(cfg, tok, batch_size: int, precision: str, steps: int) -> dict:
+def train_speed(cfg, tok, batch_size: int, precision: str, steps: int, device: str = "cpu") -> dict:
     """Median step time of `cfg` at `batch_size`, with samples/s, tokens/s and FLOP/s."""
-    step = TrainStep(cfg, precision)
+    step = TrainStep(cfg, precision, device=device)
     batch = synthetic_batch(tok, step.model.layout, cfg.token_dim, batch_size)
     seconds = median_seconds(lambda: step(batch), steps)
     flops = train_flops(step.model, batch)

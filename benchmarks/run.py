@@ -31,10 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
+from report_tools import load_average, table  # noqa: E402
 from mmar_cli.machine import machine  # noqa: E402
+from mmar_cli.results import record_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results.md"
+SECTION = "make bench"
 TOY_MODEL = dict(width=64, depth=2, heads=2, kv_heads=1, mlp_hidden=128, diffusion=dict(width=64, depth=1))
 
 # Targets (see the report's "Targets" section).
@@ -77,16 +80,6 @@ _START = time.perf_counter()
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - _START:6.0f} s] {message}", flush=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# The machine
-# --------------------------------------------------------------------------------------------------
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,11 +225,6 @@ def targets(training: dict, sampling: dict, data: List[dict]) -> List[str]:
                      f"{100 * r['wait_frac_later']:.1f} % in later ones, from the loader's cache "
                      f"(target < {100 * MAX_DATA_WAIT:.0f} %)")
     return lines
-
-
-def table(header: List[str], rows: List[list]) -> List[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def report(info: dict, training: dict, scaling: dict, data: List[dict], sampling: dict, lines: List[str]) -> str:
@@ -419,7 +407,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
     lines = targets(training, sampling, data)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report(info, training, scaling, data, sampling, lines))
+    # a section of its own: `make bench-scale` keeps another in the same file
+    record_section(out, SECTION, report(info, training, scaling, data, sampling, lines))
     log("\n".join(["", *lines, "", f"written: {out}"]))
     return {"out": out, "training": training, "scaling": scaling, "data": data, "sampling": sampling,
             "sha256_gbs": sha256_gbs}

@@ -1,7 +1,8 @@
 """Sections of a Markdown file that a run rewrites with its own figures.
 
-`make demo` and `make example-mnist` keep their last run in docs/RESULTS.md, each between its own pair of
-markers, so a run replaces its section and leaves the rest of the file (and the other sections) alone.
+`make demo` and `make example-mnist` keep their last run in docs/RESULTS.md, `make bench` and `make bench-scale`
+theirs in benchmarks/results.md, each between its own pair of markers, so a run replaces its section and leaves
+the rest of the file (and the other sections) alone.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
     trainer = L.Trainer(
         max_steps=cfg.trainer.max_steps - start,
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
-        strategy="ddp_find_unused_parameters_true" if cfg.trainer.strategy == "ddp" else cfg.trainer.strategy,
+        strategy=lightning_strategy(cfg.trainer.strategy),
         precision=cfg.trainer.precision,
         gradient_clip_val=cfg.optim.grad_clip or None,
         logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")],
@@ -142,3 +142,15 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
     return out / "final"
 
 
+def lightning_strategy(name: str):
+    """trainer.strategy as Lightning takes it. 'fsdp' makes each transformer block and each block of the
+    diffusion head a unit of its own, so a GPU gathers one block's weights at a time: wrapped whole (what
+    the bare name does), the model is one unit and every GPU gathers all of it for every forward pass."""
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from mmar_cli.model.backbone import Block
+        from mmar_cli.model.diffusion_head import ResBlock
+
+        return FSDPStrategy(auto_wrap_policy={Block, ResBlock}, sharding_strategy="FULL_SHARD")
+    return "ddp_find_unused_parameters_true" if name == "ddp" else name

@@ -143,6 +143,16 @@ class TrainModule(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("step", float(self.step))
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # FSDP shards the gradients: only its root module knows their global norm (Lightning's own clipping
+        # refuses FSDP)
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def optimizer_step(self, *args, **kwargs):
         # here rather than in on_train_batch_end, which runs after the callbacks (the checkpoint writer)
         super().optimizer_step(*args, **kwargs)
