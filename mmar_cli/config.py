@@ -54,6 +54,9 @@ class ImageTokenizerConfig:
     shift_deg: float = opt(0.0, "largest turn of a shifted copy, in degrees either way", min=0.0)
     shift_scale: float = opt(0.0, "largest change of size of a shifted copy: scaled by 1 - this to 1 + this",
                              min=0.0)
+    shift_warp: float = opt(0.0, "elastic distortion of a shifted copy: std in pixels of a smooth random "
+                                 "displacement field (Gaussian-blurred noise, blur std 1/8 of the side; 0: off)",
+                            min=0.0)
 
 
 @dataclass

@@ -89,7 +89,7 @@ def tokenize_chunk(job: dict, progress=None) -> dict:
         views = [None] * len(batch)
         if job["shifts"]:
             moved = shifted_copies(images, [record.key for record, _ in batch], job["shifts"], job["shift_px"],
-                                   job["shift_deg"], job["shift_scale"])
+                                   job["shift_deg"], job["shift_scale"], job["shift_warp"])
             views = tokenizer.encode(moved.reshape(-1, *images.shape[1:])).numpy()
             views = views.reshape(len(batch), job["shifts"], *views.shape[1:])
         nonlocal sided
@@ -412,7 +412,8 @@ def run(cfg, set_keys=()) -> List[dict]:
                  "dir": str(directory), "image_spec": image_spec, "image_size": cfg.image_size,
                  "flip": flips[split], "strict": cfg.strict,
                  "shifts": shifts[split], "shift_px": cfg.image_tokenizer.shift_px,
-                 "shift_deg": cfg.image_tokenizer.shift_deg, "shift_scale": cfg.image_tokenizer.shift_scale}
+                 "shift_deg": cfg.image_tokenizer.shift_deg, "shift_scale": cfg.image_tokenizer.shift_scale,
+                 "shift_warp": cfg.image_tokenizer.shift_warp}
                 for k, i in enumerate(range(0, len(records), cfg.shard_size))]
         results = _run_chunks(jobs, cfg.workers, len(records), f"tokenize {split or cfg.input}")
         skipped = skipped + [s for r in results for s in r["skipped"]]

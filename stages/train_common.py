@@ -25,6 +25,7 @@ from mmar_cli.engine import slurm
 from mmar_cli.engine.log_lines import LogLines, StepProgressBar
 from mmar_cli.engine.module import NonFiniteLoss, TrainModule
 from mmar_cli.engine.previews import Previews
+from mmar_cli.engine.strategy import lightning_strategy
 from mmar_cli.errors import UserError, console, warn
 from mmar_cli.model.factory import build_model, model_config
 from mmar_cli.seeding import seed_run
@@ -140,17 +141,3 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
         console.print(f"done: {out / 'final'} (step {module.step}); samples skipped: {counts['skipped_long']} "
                       f"with text longer than the layout, {counts['corrupt']} corrupt")
     return out / "final"
-
-
-def lightning_strategy(name: str):
-    """trainer.strategy as Lightning takes it. 'fsdp' makes each transformer block and each block of the
-    diffusion head a unit of its own, so a GPU gathers one block's weights at a time: wrapped whole (what
-    the bare name does), the model is one unit and every GPU gathers all of it for every forward pass."""
-    if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        from mmar_cli.model.backbone import Block
-        from mmar_cli.model.diffusion_head import ResBlock
-
-        return FSDPStrategy(auto_wrap_policy={Block, ResBlock}, sharding_strategy="FULL_SHARD")
-    return "ddp_find_unused_parameters_true" if name == "ddp" else name

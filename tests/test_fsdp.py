@@ -11,7 +11,7 @@ from mmar_cli.config import TrainConfig
 from mmar_cli.engine.module import TrainModule
 from mmar_cli.model.backbone import Block
 from mmar_cli.model.diffusion_head import ResBlock
-from stages.train_common import lightning_strategy
+from mmar_cli.engine.strategy import lightning_strategy
 
 
 def test_fsdp_shards_each_block_as_its_own_unit():

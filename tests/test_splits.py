@@ -348,6 +348,25 @@ def test_shifted_copies_move_the_image_by_a_key_seeded_offset_with_repeated_edge
     assert not np.array_equal(copies, shifted_copies(image, ["k2"], 6, 2))
 
 
+def test_warped_copies_bend_the_image_by_a_smooth_field_of_the_asked_size():
+    from mmar_cli.data.augment import _smooth_field, shifted_copies
+
+    field = _smooth_field(torch.randn(8, 2, 32, 32, generator=torch.Generator().manual_seed(0)), 1.5)
+    assert field.shape == (8, 32, 32, 2)
+    pixels = field * 16  # [-1, 1] units -> pixels of a 32 px side
+    assert abs(float(pixels.std()) - 1.5) < 0.05
+    # smooth: neighbouring pixels move almost alike (white noise would differ by ~sqrt(2) x its std)
+    assert float((pixels[:, 1:] - pixels[:, :-1]).abs().mean()) < 0.2 * float(pixels.abs().mean())
+    image = np.zeros((2, 32, 32, 3), np.uint8)
+    image[:, 8:24, 14:18] = 255  # a bar
+    plain = shifted_copies(image, ["a", "b"], 3, 0)
+    warped = shifted_copies(image, ["a", "b"], 3, 0, warp_px=1.5)
+    assert np.array_equal(plain, np.repeat(image[:, None], 3, 1))  # no move, no warp: the image itself
+    assert np.abs(warped.astype(int) - plain).mean() > 1  # the bar's edges moved
+    assert np.array_equal(warped, shifted_copies(image, ["a", "b"], 3, 0, warp_px=1.5))  # seeded by the key
+    assert not np.array_equal(warped[0], warped[1])
+
+
 def test_shifted_views_are_stored_for_the_training_split_alone_whatever_the_workers(tmp_path):
     src = write_tars(tmp_path / "in", [make_samples(40)])
     settings = ["image_size=16", "--test-fraction", 0.25, "image_tokenizer.shifts=3"]
