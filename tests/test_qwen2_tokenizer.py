@@ -55,7 +55,7 @@ def test_qwen2_ids_are_kept_and_mmar_markers_follow_them(qwen2_dir):
 
 def test_the_qwen2_backbone_has_a_row_for_every_id_and_a_caption_round_trips(qwen2_dir, tmp_path):
     from stages import tokenize
-    from stages.train_common import model_config
+    from mmar_cli.model.factory import model_config
 
     tokenize.run(load_config(TokenizeConfig, overrides=[
         f"out={tmp_path / 'shapes'}", "shapes.num_train=4", "shapes.num_val=0", "shapes.num_test=0",
