@@ -5,16 +5,17 @@ show as a patchwork of blocks. As in MMAR and MAR (a VAE's latents), the decoder
 convolutions over the whole latent grid: every output pixel sees its neighbouring tokens too, and a
 token's edge is drawn from both sides of it.
 
-    encoder   conv 3 -> w, then per level (one per halving): `depth` residual blocks, a stride-2 conv
+    encoder   conv 3 -> w, then per level (one per halving): `depth` residual blocks, a 3x3 stride-2 conv
               (channels w, 2w, 4w, 4w, ...); `depth` blocks at the bottom; a 1x1 conv -> C (or 2C: mean
               and log-variance with ae_kl > 0)
-    decoder   the mirror: 1x1 conv C -> bottom width, blocks, per level nearest x2 + conv, conv -> 3
-    loss      L1 of the reconstruction (sharp edges, flat backgrounds) + ae_kl x KL(posterior || N(0, 1))
-              per latent value; with ae_kl > 0 the decoder sees latents drawn from the posterior, so it
-              learns to decode a neighbourhood of each code (what a diffusion head's samples land in)
+    decoder   the mirror: 1x1 conv C -> bottom width, blocks, per level nearest x2 + 3x3 conv, conv -> 3
+    loss      L1 (flat backgrounds) + ae_mse x squared error (no large error anywhere: shape corners,
+              a cross's arms) + ae_kl x KL(posterior || N(0, 1)) per latent value; with ae_kl > 0 the
+              decoder sees latents drawn from the posterior, so it learns to decode a neighbourhood of
+              each code (what a diffusion head's samples land in)
 
-Training is seeded (initial weights, batches and posterior draws) and runs on one device (CPU unless a GPU
-is there) for `ae_steps` AdamW steps with a cosine learning rate. Encoding uses the posterior mean.
+Training is seeded (initial weights, batches and posterior draws) and runs on the CPU, in torch's threads,
+for `ae_steps` AdamW steps with a cosine learning rate. Encoding uses the posterior mean.
 """
 
 from __future__ import annotations
@@ -110,11 +111,11 @@ def _images_to_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train(model: Autoencoder, images: np.ndarray, steps: int, batch: int, lr: float, kl_weight: float,
-          seed: int, log=print) -> dict:
-    """Fit `model` to uint8 images [M, H, W, 3], with a progress line (`log`) every tenth of the steps;
-    returns {'loss_l1', 'loss_kl', 'seconds'} of the last tenth. Batches and posterior draws come from a
-    generator seeded with `seed`."""
+def train(model: Autoencoder, images: np.ndarray, steps: int, batch: int, lr: float, mse_weight: float,
+          kl_weight: float, seed: int, log=print) -> dict:
+    """Fit `model` to uint8 images [M, H, W, 3] (loss: L1 + mse_weight x squared error + kl_weight x KL),
+    with a progress line (`log`) every tenth of the steps; returns {'loss_l1', 'loss_kl', 'seconds'} of
+    the last tenth. Batches and posterior draws come from a generator seeded with `seed`."""
     log_every = max(1, steps // 10)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -139,8 +140,9 @@ def train(model: Autoencoder, images: np.ndarray, steps: int, batch: int, lr: fl
             kl = 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()
         else:
             z, kl = mean, torch.zeros(())
-        l1 = (model.decode(z) - x).abs().mean()
-        loss = l1 + kl_weight * kl
+        err = model.decode(z) - x
+        l1, mse = err.abs().mean(), (err ** 2).mean()
+        loss = l1 + mse_weight * mse + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
