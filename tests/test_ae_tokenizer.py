@@ -104,9 +104,13 @@ def test_same_seed_same_weights_other_seed_other_weights(fitted, train_images):
     assert other.spec()["sha256"] != short.spec()["sha256"]
 
 
-def test_plain_autoencoder_without_kl(train_images):
-    tok = build_image_tokenizer(image_cfg(ae_kl=0.0, ae_steps=2), 32, train_images[:32], log=lambda line: None)
-    assert not tok.model.kl and tok.model.encoder.conv_out.out_channels == 8
+def test_kl_autoencoder_encodes_the_posterior_mean(train_images):
+    lines = []
+    tok = build_image_tokenizer(image_cfg(ae_kl=1e-3, ae_steps=10), 32, train_images[:64], log=lines.append)
+    assert tok.model.kl and tok.model.encoder.conv_out.out_channels == 16  # mean and log-variance
+    assert float(re.search(r"kl ([\d.]+)", lines[-1]).group(1)) > 0
+    # deterministic: the posterior mean, never a draw
+    assert torch.equal(tok.encode(train_images[:3]), tok.encode(train_images[:3]))
     assert tok.encode(train_images[:3]).shape == (3, 16, 8)
 
 
