@@ -34,10 +34,28 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", choices: Optional[li
 class ImageTokenizerConfig:
     kind: str = opt("pca", "image tokenizer: 'patch' (lossless pixel patches), 'pca' (patches projected "
                     "on principal components fitted on the training images, whitened), 'vae' (diffusers "
-                    "AutoencoderKL from a local directory)", choices=["patch", "pca", "vae"])
-    patch_size: int = opt(8, "pixels per side of one patch token ('patch'/'pca'), or latent positions per "
-                          "side grouped into one token ('vae')", min=1)
+                    "AutoencoderKL from a local directory), 'ae' (a small convolutional autoencoder that "
+                    "tokenize trains on the training images: no seams between tokens)",
+                    choices=["patch", "pca", "vae", "ae"])
+    patch_size: int = opt(8, "pixels per side of one patch token ('patch'/'pca'; 'ae': its downsampling, a "
+                          "power of two), or latent positions per side grouped into one token ('vae')", min=1)
     pca_dim: int = opt(24, "'pca': values per token kept (principal components)", min=1)
+    ae_channels: int = opt(16, "'ae': latent channels, the values per token", min=1)
+    ae_width: int = opt(24, "'ae': channels of the full-size convolutions (x2 at each halving, at most x4)",
+                        min=4)
+    ae_depth: int = opt(1, "'ae': residual blocks per resolution in the encoder and in the decoder", min=0)
+    ae_steps: int = opt(4000, "'ae': training steps (AdamW, cosine learning rate)", min=1)
+    ae_batch: int = opt(8, "'ae': images per training step (on a CPU, small batches and more steps learn "
+                        "faster for the same time)", min=1)
+    ae_lr: float = opt(2e-3, "'ae': peak learning rate", min=0.0)
+    ae_mse: float = opt(16.0, "'ae': weight of the squared error beside the L1 error (pixels in [-1, 1]): "
+                        "it punishes the few large errors (a shape's corners) that L1 leaves", min=0.0)
+    ae_kl: float = opt(0.0, "'ae': weight of the KL term per latent value (0: a plain autoencoder, encoding "
+                       "without a posterior); above 0 the decoder learns from posterior draws", min=0.0)
+    ae_images: int = opt(20000, "'ae': training images it learns from (the first of the training split)",
+                         min=1)
+    ae_seed: int = opt(0, "'ae': seed of the initial weights, the batches and the posterior draws; the same "
+                       "seed and images give the same weights")
     vae_path: Optional[str] = opt(None, "'vae': local directory of a diffusers AutoencoderKL "
                                   "(config.json + weights); never downloaded")
     vae_scale: Optional[float] = opt(None, "'vae': latent scale factor; None = measured on the data so "

@@ -16,7 +16,7 @@ workers, the shard size or the input order; a split of fraction 0 is not written
 error. The built-in dataset has its own splits (shapes.num_*) and refuses the fractions.
 A user input's samples are written in an order set by a hash of their keys (`sources.order_key`), so
 every shard mixes what the input listed in blocks (e.g. one class after another).
-Then fit the image tokenizer on the first training images (pca basis, vae scale), tokenize fixed chunks
+Then fit the image tokenizer on the first training images (pca basis, ae training, vae scale), tokenize fixed chunks
 of `shard_size` records per split, one shard per chunk, in a pool of `workers` processes (so the output
 does not depend on the worker count), train the BPE on the training split's texts, save the tokenizers
 beside every split's shards (the same files and hashes) and, once every split is written, each split's
@@ -47,12 +47,13 @@ from mmar_cli.data.augment import shifted_copies
 from mmar_cli.errors import UserError, console
 from mmar_cli.metrics.judges import JUDGE_CACHE
 from mmar_cli.progress import progress
-from mmar_cli.tokenizers.image import IMAGE_TOKENIZER_FILE, build_image_tokenizer, load_image_tokenizer
+from mmar_cli.tokenizers.image import IMAGE_TOKENIZER_FILE, AETokenizer, build_image_tokenizer, load_image_tokenizer
 from mmar_cli.tokenizers.text import TEXT_TOKENIZER_FILE, build_text_tokenizer
 
 SCHEMA = TokenizeConfig
-FIT_IMAGES = 512  # training images that fit the pca basis / measure the vae scale
+FIT_IMAGES = 512  # training images that fit the pca basis / measure the vae scale (the ae: image_tokenizer.ae_images)
 ENCODE_BATCH = 64
+AE_KEYS = AETokenizer.ARCH_KEYS + AETokenizer.TRAIN_KEYS
 SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)  # what a mirrored image contradicts
 OUR_FILES = ("*.tar", "*.tar.tmp", shards.MANIFEST, shards.SIZES, f"{shards.MANIFEST}.tmp", f"{shards.SIZES}.tmp",
              TEXT_TOKENIZER_FILE, IMAGE_TOKENIZER_FILE, JUDGE_CACHE)  # what --overwrite may delete
@@ -157,10 +158,10 @@ def _no_usable_samples(input: str, split: Optional[str], skipped: list) -> UserE
                      + (f" ({len(skipped)} skipped, e.g. {reasons})" if skipped else ""))
 
 
-def _fit_images(records: list, image_size: int, input: str) -> np.ndarray:
+def _fit_images(records: list, image_size: int, input: str, count: int = FIT_IMAGES) -> np.ndarray:
     images, skipped = [], []
     for record in records:
-        if len(images) == FIT_IMAGES:
+        if len(images) == count:
             break
         try:
             images.append(sources.load_record(record, image_size)["image"])
@@ -238,7 +239,8 @@ def _settings(cfg) -> dict:
     setting against them where the tokenizer's spec does not hold it, e.g. the BPE's asked vocab_size)."""
     image, text = cfg.image_tokenizer, cfg.text_tokenizer
     return {"image_size": cfg.image_size,
-            "image_tokenizer": {k: image[k] for k in ("kind", "patch_size", "pca_dim", "vae_path", "vae_scale")},
+            "image_tokenizer": {k: image[k] for k in ("kind", "patch_size", "pca_dim", "vae_path", "vae_scale",
+                                                      *AE_KEYS)},
             "text_tokenizer": {k: text[k] for k in ("kind", "path", "vocab_size")}}
 
 
@@ -274,6 +276,7 @@ def _check_given_settings(cfg, directory: str, text_tok, image_tok, recorded: di
         "image_tokenizer.pca_dim": ("pca_dim", ispec.get("pca_dim", missing)),
         "image_tokenizer.vae_path": ("vae_path", ispec.get("vae_path", missing)),
         "image_tokenizer.vae_scale": ("vae_scale", ispec.get("vae_scale", missing)),
+        **{f"image_tokenizer.{k}": (k, ispec.get(k, missing)) for k in AE_KEYS},
         "text_tokenizer.kind": ("kind", tspec["kind"]),
         "text_tokenizer.vocab_size": ("vocab_size", tspec["base_vocab_size"] if tspec["kind"] == "bpe" else missing),
         "text_tokenizer.path": ("text tokenizer sha256", (tspec["sha256"] or "")[:12] if tspec["kind"] == "file"
@@ -396,9 +399,12 @@ def run(cfg, set_keys=()) -> List[dict]:
     if given is not None:
         text_tok, image_tok, settings = given
     else:
-        image_tok = build_image_tokenizer(cfg.image_tokenizer, cfg.image_size,
-                                          _fit_images(splits[train][0], cfg.image_size, cfg.input)
-                                          if cfg.image_tokenizer.kind != "patch" else None)
+        kind = cfg.image_tokenizer.kind
+        fit = (None if kind == "patch" else
+               _fit_images(splits[train][0], cfg.image_size, cfg.input,
+                           cfg.image_tokenizer.ae_images if kind == "ae" else FIT_IMAGES))
+        image_tok = build_image_tokenizer(cfg.image_tokenizer, cfg.image_size, fit,
+                                          log=lambda line: print(line, file=console.file, flush=True))
         text_tok, settings = None, _settings(cfg)
     done, summaries = [], []
     # shifted copies and mirrored tokens only where training reads them

@@ -5,6 +5,9 @@
             images), whitened to unit variance: lossy, but far fewer values per token for the diffusion head
     vae     a diffusers AutoencoderKL read from a local directory; latents (posterior mean) scaled to unit
             std, p x p latent positions grouped into one token
+    ae      a small convolutional autoencoder trained on the training images (`autoencoder.py`), one token
+            per latent position (downsampling p: a p x p pixel block); posterior means normalised to unit
+            std per channel. Its decoder's convolutions overlap neighbouring tokens: no block seams
 
 Tokens run over the grid row by row; inside a token the values are ordered (row, column, channel).
 `spec()` holds every number needed to rebuild a tokenizer, plus the sha256 of its state, so two shard
@@ -209,19 +212,103 @@ class VAETokenizer:
         """The VAE stays where it is; the spec records its path, scale and weights hash."""
 
 
-ImageTokenizer = PatchTokenizer | PCATokenizer | VAETokenizer
+class AETokenizer(PatchTokenizer):
+    """The convolutional autoencoder of `autoencoder.py`: token = (posterior mean - mean) / std per channel
+    at one latent position; `patch_size` is its downsampling (a power of two)."""
+
+    kind = "ae"
+    value_bound = None
+    ARCH_KEYS = ("ae_channels", "ae_width", "ae_depth")
+    TRAIN_KEYS = ("ae_steps", "ae_batch", "ae_lr", "ae_mse", "ae_kl", "ae_images", "ae_seed")
+
+    def __init__(self, image_size: int, patch_size: int, settings: dict, state: Optional[dict] = None):
+        super().__init__(image_size, patch_size)
+        from mmar_cli.tokenizers import autoencoder
+
+        levels = patch_size.bit_length() - 1
+        if patch_size < 2 or 2 ** levels != patch_size:
+            raise UserError(f"image_tokenizer.patch_size={patch_size}: the ae tokenizer's downsampling must be a "
+                            "power of two (2, 4, 8, ...)")
+        self.settings = {k: settings[k] for k in self.ARCH_KEYS + self.TRAIN_KEYS}
+        self.model = autoencoder.Autoencoder(settings["ae_channels"], settings["ae_width"], levels,
+                                             settings["ae_depth"], kl=settings["ae_kl"] > 0).eval()
+        self.model.requires_grad_(False)
+        channels = settings["ae_channels"]
+        self.latent_mean, self.latent_std = torch.zeros(channels), torch.ones(channels)
+        if state is not None:
+            self.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+            self.latent_mean, self.latent_std = state["latent_mean"].float(), state["latent_std"].float()
+
+    @classmethod
+    def fit(cls, images: np.ndarray, image_size: int, patch_size: int, settings: dict, log=print) -> "AETokenizer":
+        """Train on uint8 training images [M, H, W, 3] (seeded by ae_seed), then measure each latent
+        channel's mean and std on them."""
+        from mmar_cli.tokenizers import autoencoder
+
+        with torch.random.fork_rng():
+            torch.manual_seed(settings["ae_seed"])  # the initial weights
+            tok = cls(image_size, patch_size, settings)
+        tok.model.requires_grad_(True)
+        log(f"ae: training a {sum(p.numel() for p in tok.model.parameters()) / 1e6:.2f} M parameter autoencoder "
+            f"on {len(images)} images for {settings['ae_steps']} steps")
+        autoencoder.train(tok.model, images, settings["ae_steps"], settings["ae_batch"], settings["ae_lr"],
+                          settings["ae_mse"], settings["ae_kl"], settings["ae_seed"], log=log)
+        tok.model.requires_grad_(False)
+        z = autoencoder.latent_means(tok.model, images[:4096]).transpose(0, 1).flatten(1)  # [C, many]
+        tok.latent_mean, tok.latent_std = z.mean(1), z.std(1).clamp(min=1e-4)
+        return tok
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+    @property
+    def token_dim(self) -> int:
+        return self.settings["ae_channels"]
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        self._check_size(images)
+        z = self.model.posterior(_as_unit_range(images).permute(0, 3, 1, 2))[0].permute(0, 2, 3, 1)
+        return ((z - self.latent_mean) / self.latent_std).reshape(z.shape[0], -1, z.shape[-1])
+
+    @torch.no_grad()
+    def decode(self, tokens) -> np.ndarray:
+        (h, w), t = self.grid, torch.as_tensor(tokens).float()
+        z = (t * self.latent_std + self.latent_mean).reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        return _to_uint8(self.model.decode(z).permute(0, 2, 3, 1))
+
+    def _state_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        state = {f"model.{k}": v.contiguous() for k, v in self.model.state_dict().items()}
+        return save({**state, "latent_mean": self.latent_mean.contiguous(), "latent_std": self.latent_std.contiguous()})
+
+    def spec(self) -> dict:
+        return {**super().spec(), **self.settings, "file": IMAGE_TOKENIZER_FILE,
+                "sha256": hashlib.sha256(self._state_bytes()).hexdigest()}
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, IMAGE_TOKENIZER_FILE).write_bytes(self._state_bytes())
+
+
+ImageTokenizer = PatchTokenizer | PCATokenizer | VAETokenizer | AETokenizer
 
 
 # --------------------------------------------------------------------------------------------------
 # Building and loading
 # --------------------------------------------------------------------------------------------------
-def build_image_tokenizer(cfg, image_size: int, fit_images: Optional[np.ndarray] = None) -> ImageTokenizer:
+def build_image_tokenizer(cfg, image_size: int, fit_images: Optional[np.ndarray] = None, log=print) -> ImageTokenizer:
     """From an `ImageTokenizerConfig`. `fit_images` (uint8 [M, H, W, 3], training images) fit the PCA
-    basis and measure the VAE scale when `vae_scale` is None."""
+    basis, train the autoencoder, and measure the VAE scale when `vae_scale` is None."""
     if cfg.kind == "patch":
         return PatchTokenizer(image_size, cfg.patch_size)
     if cfg.kind == "pca":
         return PCATokenizer.fit(fit_images, image_size, cfg.patch_size, cfg.pca_dim)
+    if cfg.kind == "ae":
+        settings = {k: cfg[k] for k in AETokenizer.ARCH_KEYS + AETokenizer.TRAIN_KEYS}
+        return AETokenizer.fit(fit_images, image_size, cfg.patch_size, settings, log=log)
     if cfg.vae_path is None:
         raise UserError("image_tokenizer.kind=vae needs image_tokenizer.vae_path (a local AutoencoderKL directory)")
     tok = VAETokenizer(cfg.vae_path, image_size, cfg.patch_size)
@@ -234,7 +321,8 @@ def build_image_tokenizer(cfg, image_size: int, fit_images: Optional[np.ndarray]
 
 
 def load_image_tokenizer(directory: str | Path, spec: dict) -> ImageTokenizer:
-    """Rebuild the tokenizer a manifest's `spec` describes (the PCA state is read from `directory`)."""
+    """Rebuild the tokenizer a manifest's `spec` describes (the PCA / autoencoder state is read from
+    `directory`)."""
     kind = spec["kind"]
     if kind == "patch":
         return PatchTokenizer(spec["image_size"], spec["patch_size"])
@@ -244,9 +332,12 @@ def load_image_tokenizer(directory: str | Path, spec: dict) -> ImageTokenizer:
 
     path = Path(directory, spec["file"])
     if not path.is_file():
-        raise UserError(f"{directory}: missing {spec['file']} (the PCA image tokenizer of these shards)")
+        raise UserError(f"{directory}: missing {spec['file']} (the {kind} image tokenizer of these shards)")
     state = load_file(str(path))
-    tok = PCATokenizer(spec["image_size"], spec["patch_size"], state["mean"], state["basis"], state["std"])
+    if kind == "ae":
+        tok = AETokenizer(spec["image_size"], spec["patch_size"], spec, state)
+    else:
+        tok = PCATokenizer(spec["image_size"], spec["patch_size"], state["mean"], state["basis"], state["std"])
     if tok.spec()["sha256"] != spec["sha256"]:
         raise UserError(f"{path} does not match the manifest's image tokenizer (sha256 differs)")
     return tok

@@ -1,0 +1,167 @@
+"""A small convolutional autoencoder, trained by `mmar tokenize` on the training images: the `ae` tokenizer.
+
+Why: a `pca` token decodes to its own p x p pixel block alone, so tokens drawn a little inconsistently
+show as a patchwork of blocks. As in MMAR and MAR (a VAE's latents), the decoder here is a stack of 3x3
+convolutions over the whole latent grid: every output pixel sees its neighbouring tokens too, and a
+token's edge is drawn from both sides of it.
+
+    encoder   conv 3 -> w, then per level (one per halving): `depth` residual blocks, a 3x3 stride-2 conv
+              (channels w, 2w, 4w, 4w, ...); `depth` blocks at the bottom; a 1x1 conv -> C (or 2C: mean
+              and log-variance with ae_kl > 0)
+    decoder   the mirror: 1x1 conv C -> bottom width, blocks, per level nearest x2 + 3x3 conv, conv -> 3
+    loss      L1 (flat backgrounds) + ae_mse x squared error (no large error anywhere: shape corners,
+              a cross's arms) + ae_kl x KL(posterior || N(0, 1)) per latent value; with ae_kl > 0 the
+              decoder sees latents drawn from the posterior, so it learns to decode a neighbourhood of
+              each code (what a diffusion head's samples land in)
+
+Training is seeded (initial weights, batches and posterior draws) and runs on the CPU, in torch's threads,
+for `ae_steps` AdamW steps with a cosine learning rate. Encoding uses the posterior mean.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def widths(width: int, levels: int) -> list[int]:
+    """Channels at each resolution, full size first: w, 2w, 4w, 4w, ..."""
+    return [width * min(2 ** i, 4) for i in range(levels + 1)]
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(ch, ch, 3, padding=1), nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, out_channels: int, width: int, levels: int, depth: int):
+        super().__init__()
+        ch = widths(width, levels)
+        self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
+        layers = []
+        for i in range(levels):
+            layers += [ResBlock(ch[i]) for _ in range(depth)]
+            layers.append(nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1))
+        layers += [ResBlock(ch[-1]) for _ in range(depth)]
+        self.body = nn.Sequential(*layers)
+        self.conv_out = nn.Conv2d(ch[-1], out_channels, 1)
+
+    def forward(self, x):
+        return self.conv_out(F.silu(self.body(self.conv_in(x))))
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch_in: int, ch_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch_in, ch_out, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Decoder(nn.Module):
+    def __init__(self, in_channels: int, width: int, levels: int, depth: int):
+        super().__init__()
+        ch = widths(width, levels)
+        self.conv_in = nn.Conv2d(in_channels, ch[-1], 1)
+        layers = [ResBlock(ch[-1]) for _ in range(depth)]
+        for i in reversed(range(levels)):
+            layers.append(Upsample(ch[i + 1], ch[i]))
+            layers += [ResBlock(ch[i]) for _ in range(depth)]
+        self.body = nn.Sequential(*layers)
+        self.conv_out = nn.Conv2d(ch[0], 3, 3, padding=1)
+
+    def forward(self, z):
+        return self.conv_out(F.silu(self.body(self.conv_in(z))))
+
+
+class Autoencoder(nn.Module):
+    """Images [B, 3, H, W] in [-1, 1] <-> latents [B, C, H/2^levels, W/2^levels]."""
+
+    def __init__(self, channels: int, width: int, levels: int, depth: int, kl: bool):
+        super().__init__()
+        self.channels, self.kl = channels, kl
+        self.encoder = Encoder(2 * channels if kl else channels, width, levels, depth)
+        self.decoder = Decoder(channels, width, levels, depth)
+
+    def posterior(self, x):
+        """(mean, log-variance or None) of the latents."""
+        h = self.encoder(x)
+        if not self.kl:
+            return h, None
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+def _images_to_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train(model: Autoencoder, images: np.ndarray, steps: int, batch: int, lr: float, mse_weight: float,
+          kl_weight: float, seed: int, log=print) -> dict:
+    """Fit `model` to uint8 images [M, H, W, 3] (loss: L1 + mse_weight x squared error + kl_weight x KL),
+    with a progress line (`log`) every tenth of the steps; returns {'loss_l1', 'loss_kl', 'seconds'} of
+    the last tenth. Batches and posterior draws come from a generator seeded with `seed`."""
+    log_every = max(1, steps // 10)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    warmup = max(1, min(100, steps // 20))
+
+    def lr_at(step):  # linear warm-up, then cosine down to a tenth
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    model.train()
+    start, sums, count = time.monotonic(), [0.0, 0.0], 0
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        idx = torch.randint(len(images), (batch,), generator=gen).numpy()
+        x = _images_to_input(images[idx])
+        mean, logvar = model.posterior(x)
+        if logvar is not None:
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+            kl = 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()
+        else:
+            z, kl = mean, torch.zeros(())
+        err = model.decode(z) - x
+        l1, mse = err.abs().mean(), (err ** 2).mean()
+        loss = l1 + mse_weight * mse + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sums[0] += l1.item()
+        sums[1] += kl.item()
+        count += 1
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            seconds = time.monotonic() - start
+            log(f"ae: step {step + 1}/{steps}, l1 {sums[0] / count:.4f}, kl {sums[1] / count:.3f}, "
+                f"{(step + 1) * batch / seconds:.0f} images/s, elapsed {seconds:.0f} s")
+            last = {"loss_l1": sums[0] / count, "loss_kl": sums[1] / count, "seconds": seconds}
+            sums, count = [0.0, 0.0], 0
+    model.eval()
+    return last
+
+
+@torch.no_grad()
+def latent_means(model: Autoencoder, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Posterior means [M, C, h, w] of uint8 images [M, H, W, 3]."""
+    return torch.cat([model.posterior(_images_to_input(images[i:i + batch]))[0]
+                      for i in range(0, len(images), batch)])
