@@ -259,11 +259,6 @@ class AETokenizer(PatchTokenizer):
         return tok
 
     @property
-    def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.patch_size
-        return side, side
-
-    @property
     def token_dim(self) -> int:
         return self.settings["ae_channels"]
 
