@@ -55,7 +55,7 @@ class ImageTokenizerConfig:
     ae_images: int = opt(20000, "'ae': training images it learns from (the first of the training split)",
                          min=1)
     ae_seed: int = opt(0, "'ae': seed of the initial weights, the batches and the posterior draws; the same "
-                       "seed and images give the same weights")
+                       "seed, images and torch thread count give the same weights")
     vae_path: Optional[str] = opt(None, "'vae': local directory of a diffusers AutoencoderKL "
                                   "(config.json + weights); never downloaded")
     vae_scale: Optional[float] = opt(None, "'vae': latent scale factor; None = measured on the data so "

@@ -107,8 +107,10 @@ class Autoencoder(nn.Module):
 
 
 def _images_to_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1], as every image tokenizer reads pixels."""
+    from mmar_cli.tokenizers.image import _as_unit_range
+
+    return _as_unit_range(images).permute(0, 3, 1, 2)
 
 
 def train(model: Autoencoder, images: np.ndarray, steps: int, batch: int, lr: float, mse_weight: float,
