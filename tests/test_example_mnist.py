@@ -36,11 +36,14 @@ def test_example_shards_tokenize_into_labelled_splits_with_the_example_preset(tm
     assert meta == {"key": "000000100", "caption": "a handwritten digit three", "label": 3}
 
     result = CliRunner().invoke(app, ["tokenize", "--config", str(ROOT / "configs/tokenize/mnist.yaml"),
-                                      "--input", str(tmp_path / "shards"), "--out", str(tmp_path / "data")])
+                                      "--input", str(tmp_path / "shards"), "--out", str(tmp_path / "data"),
+                                      "image_tokenizer.ae_steps=20", "image_tokenizer.ae_images=500"])
     assert result.exit_code == 0, result.output
-    counts = shards.read_manifest(tmp_path / "data" / "test")["split"]["counts"]
+    manifest = shards.read_manifest(tmp_path / "data" / "test")
+    counts = manifest["split"]["counts"]
     assert sum(counts.values()) == 300 and all(counts[s] > 10 for s in ("val", "test"))
+    assert manifest["image_tokenizer"]["spec"]["kind"] == "ae" and manifest["tokens"]["shape"] == [16, 16]
     for split in ("train", "val", "test"):
         for s in shards.iterate_samples(tmp_path / "data" / split):
             assert s["caption"] == f"a handwritten digit {example.NAMES[s['meta']['label']]}"
-            assert s["tokens"].shape == (16, 24)
+            assert s["tokens"].shape == (16, 16)  # the preset's ae tokenizer: 4x4 tokens of 16 channels
