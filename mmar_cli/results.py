@@ -11,17 +11,27 @@ import re
 from pathlib import Path
 
 
-# a table of figures against their targets: what it says, the metric's name, value, minimum, met or not
+# a table of figures against their targets: what it says, the metric's name, value, target, met or not
 TABLE_HEAD = ["| figure | metric | value | target | |", "|---|---|---|---|---|"]
 
 
+def target_text(value: float, target) -> tuple[str, str]:
+    """('>= 0.9', 'met') for a target that is None (none), a minimum, or ('<=' or '>=', bound)."""
+    if target is None:
+        return "", ""
+    op, bound = target if isinstance(target, tuple) else (">=", target)
+    ok = value <= bound if op == "<=" else value >= bound
+    return f"{op} {bound}", "met" if ok else "MISSED"
+
+
 def target_rows(metrics: dict, targets: list) -> list[str]:
-    """Rows of TABLE_HEAD's table for each (metric, what it says, minimum or None) that `metrics` holds."""
+    """Rows of TABLE_HEAD's table for each (metric, what it says, target) that `metrics` holds; a target is
+    None, a minimum or ('<=', maximum)."""
     rows = []
-    for name, what, minimum in targets:
+    for name, what, target in targets:
         if name in metrics:
-            target, met = ("", "") if minimum is None else (f">= {minimum}", "met" if metrics[name] >= minimum else "MISSED")
-            rows.append(f"| {what} | `{name}` | {metrics[name]:.3f} | {target} | {met} |")
+            bound, met = target_text(metrics[name], target)
+            rows.append(f"| {what} | `{name}` | {metrics[name]:.3f} | {bound} | {met} |")
     return rows
 
 
