@@ -146,3 +146,38 @@ def test_a_tile_of_another_grey_breaks_the_background():
     assert np.mean([checker.background_coherent(im) for im in tiled]) <= 0.02
     # the attributes are still read right: the checker alone would pass these images
     assert _accuracy(tiled, expected)["all"] >= 0.95
+
+
+def _drawn(image: np.ndarray) -> np.ndarray:
+    return np.abs(image.astype(np.float32) - checker._background(image)).max(-1) > 0
+
+
+def test_a_shape_drawn_off_its_template_keeps_its_outline_out_of_the_background():
+    # the shape grown by 2 px in its own colour: not the template, but nothing beside the shape is off
+    images, _ = _renders(32, 1, 300)
+    grown = []
+    for image in images:
+        drawn = _drawn(image)
+        colour = np.median(image[drawn], axis=0).astype(np.uint8)
+        out = image.copy()
+        out[ndimage.binary_dilation(drawn, iterations=2) & ~drawn] = colour
+        grown.append(out)
+    assert np.mean([checker.background_coherent(im) for im in grown]) >= 0.98
+
+
+def test_a_rim_of_another_colour_on_the_shape_breaks_the_background():
+    # the same 2 px growth, on the upper-left side only and in the palette colour farthest from the shape's:
+    # it touches the shape, but a person sees a second colour beside it
+    images, _ = _renders(32, 1, 300)
+    rimmed = []
+    for image in images:
+        drawn = _drawn(image)
+        ys, xs = np.nonzero(drawn)
+        colour = np.median(image[drawn], axis=0)
+        other = max(shapes.COLOURS.values(), key=lambda c: np.abs(np.array(c) - colour).sum())
+        rim = ndimage.binary_dilation(drawn, iterations=2) & ~drawn
+        rim &= (np.arange(32)[:, None] < ys.mean()) & (np.arange(32)[None, :] < xs.mean())
+        out = image.copy()
+        out[rim] = other
+        rimmed.append(out)
+    assert np.mean([checker.background_coherent(im) for im in rimmed]) <= 0.02

@@ -10,9 +10,11 @@ Analytic, so there is nothing to train or ship:
   colour      the palette entry nearest to the blob's median colour
 
 Beside the attributes it reads what a person sees first, whether the picture is one picture:
-  background coherence  every pixel outside the fitted shapes (grown by BACKGROUND_MARGIN px for a soft
-              edge) lies within BACKGROUND_TOL of the background colour on every channel; a stray block of
-              another grey or colour fails it (true renders pass, tokenized and decoded ones too: tests)
+  background coherence  every pixel outside the drawn shapes (the fitted template and the blob's pixels of
+              the blob's own colour, grown by BACKGROUND_MARGIN px for a soft edge) lies within
+              BACKGROUND_TOL of the background colour on every channel; a stray block of another grey, a
+              speck or a part of the shape in another colour fails it (true renders pass, tokenized and
+              decoded ones too: tests)
 
 It always answers: on a noisy generated image or one with no visible shape it falls back to the pixels
 that stand out most, so a bad image is scored wrong rather than crashing the evaluation.
@@ -113,17 +115,25 @@ def read(image: np.ndarray, max_shapes: int = 1) -> List[Dict[str, str]]:
 
 def background_coherent(image: np.ndarray, max_shapes: int = 1) -> bool:
     """Whether every pixel outside the drawn shapes is the background colour (within BACKGROUND_TOL per
-    channel): the shapes are the best-fitting templates of `read`, grown by BACKGROUND_MARGIN pixels."""
+    channel). A shape is its best-fitting template (as `read` fits it) together with the pixels of its blob
+    that are nearest to the blob's own palette colour, grown by BACKGROUND_MARGIN pixels: a shape drawn a
+    little off its template keeps its outline out of the background (its shape is the checker's to judge),
+    while a part of it in another colour, a stray speck or a block of another grey counts against it."""
     image = np.asarray(image)
     n = image.shape[0]
     names, *_, masks = _templates(n)
+    pixels, background = image.astype(np.float32), _background(image)
+    references = np.concatenate([_PALETTE, background[None]])
+    nearest = ((pixels[..., None, :] - references) ** 2).sum(-1).argmin(-1)  # [H, W]: palette index or 6
     shapes = np.zeros((n, n), bool)
     for blob in _blobs(image, max_shapes):
         k, y0, x0 = _fit(blob)
         side = names[k][2]
         shapes[y0:y0 + side, x0:x0 + side] |= masks[k, :side, :side] > 0
+        colour = int(np.argmin(((_PALETTE - np.median(pixels[blob], axis=0)) ** 2).sum(-1)))
+        shapes |= blob & (nearest == colour)
     shapes = ndimage.binary_dilation(shapes, iterations=BACKGROUND_MARGIN)
-    off = np.abs(image[~shapes].astype(np.float32) - _background(image)).max(initial=0.0)
+    off = np.abs(pixels[~shapes] - background).max(initial=0.0)
     return bool(off <= BACKGROUND_TOL)
 
 
