@@ -19,7 +19,7 @@ demo: setup
 
 ## the demo's training and evaluation over seeds 0, 1, 2: mean, min, max -> docs/RESULTS.md (about 3x the demo)
 demo-seeds: setup
-	$(BIN)/python -m stages.demo --seeds 3 --keep-data
+	$(BIN)/python -m stages.demo --seeds 3 --jobs 2 --keep-data
 
 ## the test suite (unit + slow end-to-end checks)
 test: setup

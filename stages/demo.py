@@ -17,19 +17,24 @@ writes its own section.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from mmar_cli.machine import usable_cores
 from mmar_cli.results import TABLE_HEAD, record_section, target_rows, target_text
 
 console = Console()
@@ -68,23 +73,38 @@ def _mmar(*args: str) -> list[str]:
     return [sys.executable, "-m", "mmar_cli.app", *args]
 
 
-def _run(title: str, cmd: list[str], timings: dict) -> None:
+def _run_stage(title: str, cmd: list[str], timings: dict, log: Optional[Path] = None, threads: int = 0) -> None:
+    """Run one stage. `log`: append its output there (a seed run among others) instead of the terminal;
+    `threads` > 0: torch threads of the stage's process."""
     shown = " ".join(shlex.quote(c) for c in ["mmar", *cmd[3:]])
-    console.rule(f"[bold]{title}")
-    console.print(f"$ {shown}", highlight=False, markup=False)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT)
+    if log is None:
+        console.rule(f"[bold]{title}")
+        console.print(f"$ {shown}", highlight=False, markup=False)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write(f"$ {shown}\n")
+            f.flush()
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        console.print(f"{log.parent.name}: {title} {'done' if proc.returncode == 0 else 'failed'} in "
+                      f"{time.perf_counter() - start:.0f} s (log: {log})", highlight=False)
     timings[title] = time.perf_counter() - start
     if proc.returncode != 0:
         console.print(f"[bold red]{title} failed[/bold red] (exit {proc.returncode}): {shown}")
         raise typer.Exit(proc.returncode)
 
 
-def _pipeline(name: str, data: str, run: Path, seed: int, timings: dict, sample: bool) -> dict:
+def _pipeline(name: str, data: str, run: Path, seed: int, timings: dict, sample: bool, logged: bool = False,
+              threads: int = 0) -> dict:
     """pretrain (-> finetune -> sample) -> evaluate into `run` with training and sampling seed `seed`;
-    the demo evaluates twice, best of 4 and one draw. Returns the metrics, one draw's as ONE_DRAW."""
+    the demo evaluates twice, best of 4 and one draw. Returns the metrics, one draw's as ONE_DRAW.
+    `logged`: the stages write into run/stages.log (runs side by side); `threads`: torch threads per stage."""
     preset = lambda stage: f"configs/{stage}/{name}.yaml"  # noqa: E731
     eval_mode = name == "eval"
+    _run = functools.partial(_run_stage, log=ROOT / run / "stages.log" if logged else None, threads=threads)
     _run("pretrain", _mmar("pretrain", "--config", preset("pretrain"), f"data={data}/train",
                            f"val_data={data}/val", f"out={run}/pretrain", f"trainer.seed={seed}"), timings)
     ckpt = run / "pretrain" / "final"
@@ -116,6 +136,8 @@ def main(
     seeds: int = typer.Option(1, "--seeds", min=1, help="train and evaluate the demo with seeds 0..N-1 "
                               "(training and sampling; the data stays) into runs/demo-seeds/seed-K/, and record "
                               "the mean, min and max of each figure as docs/RESULTS.md's 'make demo-seeds'"),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="with --seeds: seeds trained side by side, each stage with "
+                             "an equal share of the CPU threads and its output in runs/demo-seeds/seed-K/stages.log"),
 ) -> None:
     """Run the whole pipeline on the built-in dataset and print a summary."""
     name = "eval" if eval_mode else "demo"
@@ -129,14 +151,23 @@ def main(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if not (keep_data and (ROOT / data / "test" / "manifest.json").exists()):
-        _run("tokenize", _mmar("tokenize", "--config", f"configs/tokenize/{name}.yaml", f"out={data}",
+        _run_stage("tokenize", _mmar("tokenize", "--config", f"configs/tokenize/{name}.yaml", f"out={data}",
                                "overwrite=true"), timings)
     if seeds > 1:
-        runs = []
-        for seed in range(seeds):
-            runs.append(_pipeline(name, data, run / f"seed-{seed}", seed, {}, sample=False))
-            console.print(f"seed {seed}: " + ", ".join(f"{k} {runs[-1]['metrics'][k]:.3f}"
+        jobs = min(jobs, seeds)
+        # side by side, each seed's stages get an equal share of the cores (the demo's model trains about
+        # as fast on one thread as on two: docs/RESULTS.md)
+        threads = max(1, usable_cores() // jobs) if jobs > 1 else 0
+
+        def one(seed: int) -> dict:
+            result = _pipeline(name, data, run / f"seed-{seed}", seed, {}, sample=False, logged=jobs > 1,
+                               threads=threads)
+            console.print(f"seed {seed}: " + ", ".join(f"{k} {result['metrics'][k]:.3f}"
                                                        for k, _, t in TARGETS if t is not None), highlight=False)
+            return result
+
+        with ThreadPoolExecutor(jobs) as pool:
+            runs = list(pool.map(one, range(seeds)))
         total = time.perf_counter() - start
         if record:
             record_section(RESULTS, SEEDS_SECTION, seeds_section(runs, total, time.strftime("%Y-%m-%d")))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import re
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from mmar_cli.config import TokenizeConfig, load_config, load_preset, to_contain
 from mmar_cli.data import shards, sources
 from mmar_cli.data.augment import shifted_copies
 from mmar_cli.errors import UserError, console
+from mmar_cli.machine import usable_cores
 from mmar_cli.metrics.judges import JUDGE_CACHE
 from mmar_cli.progress import progress
 from mmar_cli.tokenizers.image import IMAGE_TOKENIZER_FILE, AETokenizer, build_image_tokenizer, load_image_tokenizer
@@ -184,7 +184,7 @@ def _run_chunks(jobs: List[dict], workers: int, total: int, label: str) -> List[
     with progress(label, total) as advance:
         if workers == 1:
             return [tokenize_chunk(job, progress=advance) for job in jobs]
-        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        threads = max(1, usable_cores() // workers)
         results = []
         with _pool_context().Pool(workers, _init_worker, (threads,)) as pool:
             for result, job in zip(pool.imap(tokenize_chunk, jobs), jobs):
