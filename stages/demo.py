@@ -85,6 +85,7 @@ def _run_stage(title: str, cmd: list[str], timings: dict, log: Optional[Path] = 
         proc = subprocess.run(cmd, cwd=ROOT, env=env)
     else:
         log.parent.mkdir(parents=True, exist_ok=True)
+        console.print(f"{log.parent.name}: {title} started", highlight=False)
         with open(log, "a") as f:
             f.write(f"$ {shown}\n")
             f.flush()
@@ -162,8 +163,9 @@ def main(
         def one(seed: int) -> dict:
             result = _pipeline(name, data, run / f"seed-{seed}", seed, {}, sample=False, logged=jobs > 1,
                                threads=threads)
-            console.print(f"seed {seed}: " + ", ".join(f"{k} {result['metrics'][k]:.3f}"
-                                                       for k, _, t in TARGETS if t is not None), highlight=False)
+            figures = [f"{k} {result['metrics'][k]:.3f}" for k, _, t in TARGETS
+                       if t is not None and k in result["metrics"]]
+            console.print(f"seed {seed}: " + ", ".join(figures), highlight=False)
             return result
 
         with ThreadPoolExecutor(jobs) as pool:

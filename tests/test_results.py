@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from mmar_cli.machine import usable_cores
 from mmar_cli.results import markers, record_section
 from stages import demo
 
@@ -56,18 +57,44 @@ def test_the_demo_runs_each_stage_with_its_seed_and_evaluates_one_draw_beside_be
     writes a metrics.json whose all-correct says which evaluation it was)."""
     commands = []
 
-    def fake_run(title, cmd, timings):
+    def fake_run(title, cmd, timings, log=None, threads=0):
         commands.append(cmd[3:])
+        assert log is None and threads == 0  # one seed at a time: the terminal, torch's own threads
         out = next((a.split("=", 1)[1] for a in cmd if a.startswith("out=")), None)
         if cmd[3] == "evaluate":
             (tmp_path / out).mkdir(parents=True, exist_ok=True)
             one = "gen.candidates=1" in cmd
             (tmp_path / out / "metrics.json").write_text(json.dumps({"metrics": {"gen.checker.all": 0.9 if one else 0.96}}))
 
-    monkeypatch.setattr(demo, "_run", fake_run)
+    monkeypatch.setattr(demo, "_run_stage", fake_run)
     monkeypatch.setattr(demo, "ROOT", tmp_path)
     metrics = demo._pipeline("demo", "data/demo", Path("runs/demo-seeds/seed-2"), 2, {}, sample=False)
     assert [c[0] for c in commands] == ["pretrain", "finetune", "evaluate", "evaluate"]
     assert all("trainer.seed=2" in c for c in commands[:2]) and all("seed=2" in c for c in commands[2:])
     assert "out=runs/demo-seeds/seed-2/one-draw" in commands[3] and "gen.candidates=1" not in commands[2]
     assert metrics["metrics"] == {"gen.checker.all": 0.96, demo.ONE_DRAW: 0.9}
+
+
+def test_seeds_side_by_side_share_the_cores_and_log_to_files(tmp_path, monkeypatch):
+    """`--seeds 3 --jobs 2`: every seed runs, with half the cores' threads and its stages logged into its run
+    directory; the section is written from all three (the pipeline itself is faked)."""
+    calls = []
+
+    def fake_pipeline(name, data, run, seed, timings, sample, logged=False, threads=0):
+        calls.append((seed, str(run), logged, threads))
+        return {"machine": {"cpu": "Test CPU", "cores": 2}, "reference": {"num_samples": 8},
+                "metrics": {"gen.checker.all": 0.9 + seed / 100, demo.ONE_DRAW: 0.8}}
+
+    (tmp_path / "data" / "demo" / "test").mkdir(parents=True)
+    (tmp_path / "data" / "demo" / "test" / "manifest.json").write_text("{}")
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n")
+    monkeypatch.setattr(demo, "_pipeline", fake_pipeline)
+    monkeypatch.setattr(demo, "ROOT", tmp_path)
+    monkeypatch.setattr(demo, "RESULTS", results)
+    monkeypatch.chdir(tmp_path)
+    demo.main(eval_mode=False, keep_data=True, record=True, seeds=3, jobs=2)
+    threads = max(1, usable_cores() // 2)
+    assert sorted(calls) == [(k, f"runs/demo-seeds/seed-{k}", True, threads) for k in range(3)]
+    text = results.read_text()
+    assert "| `gen.checker.all` | 0.910 | 0.900 | 0.920 | 1.0 | 0.900 / 0.910 / 0.920 | >= 0.95 | MISSED |" in text
