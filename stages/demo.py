@@ -85,13 +85,13 @@ def _run_stage(title: str, cmd: list[str], timings: dict, log: Optional[Path] = 
         proc = subprocess.run(cmd, cwd=ROOT, env=env)
     else:
         log.parent.mkdir(parents=True, exist_ok=True)
-        console.print(f"{log.parent.name}: {title} started", highlight=False)
+        console.print(f"{log.parent.name}: {title} started", highlight=False, soft_wrap=True)
         with open(log, "a") as f:
             f.write(f"$ {shown}\n")
             f.flush()
             proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         console.print(f"{log.parent.name}: {title} {'done' if proc.returncode == 0 else 'failed'} in "
-                      f"{time.perf_counter() - start:.0f} s (log: {log})", highlight=False)
+                      f"{time.perf_counter() - start:.0f} s (log: {log})", highlight=False, soft_wrap=True)
     timings[title] = time.perf_counter() - start
     if proc.returncode != 0:
         console.print(f"[bold red]{title} failed[/bold red] (exit {proc.returncode}): {shown}")
@@ -165,7 +165,7 @@ def main(
                                threads=threads)
             figures = [f"{k} {result['metrics'][k]:.3f}" for k, _, t in TARGETS
                        if t is not None and k in result["metrics"]]
-            console.print(f"seed {seed}: " + ", ".join(figures), highlight=False)
+            console.print(f"seed {seed}: " + ", ".join(figures), highlight=False, soft_wrap=True)
             return result
 
         with ThreadPoolExecutor(jobs) as pool:
