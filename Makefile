@@ -17,7 +17,7 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m stages.demo
 
-## the demo's training and evaluation over seeds 0, 1, 2: mean, min, max -> docs/RESULTS.md (about 3x the demo)
+## the demo's training and evaluation over seeds 0, 1, 2: mean, min, max -> docs/RESULTS.md (two seeds side by side: about 2x the demo)
 demo-seeds: setup
 	$(BIN)/python -m stages.demo --seeds 3 --jobs 2 --keep-data
 

@@ -153,7 +153,7 @@ def main(
     start = time.perf_counter()
     if not (keep_data and (ROOT / data / "test" / "manifest.json").exists()):
         _run_stage("tokenize", _mmar("tokenize", "--config", f"configs/tokenize/{name}.yaml", f"out={data}",
-                               "overwrite=true"), timings)
+                                     "overwrite=true"), timings)
     if seeds > 1:
         jobs = min(jobs, seeds)
         # side by side, each seed's stages get an equal share of the cores (the demo's model trains about

@@ -90,13 +90,17 @@ def _fit(blob: np.ndarray) -> tuple[int, int, int]:
     return int(k), int(y0), int(x0)
 
 
+def _blob_colour(pixels: np.ndarray, blob: np.ndarray) -> int:
+    """Index into the palette of the colour nearest to the blob's median pixel."""
+    return int(np.argmin(((_PALETTE - np.median(pixels[blob], axis=0)) ** 2).sum(-1)))
+
+
 def _read_blob(image: np.ndarray, blob: np.ndarray) -> Dict[str, str]:
     n = image.shape[0]
     k, y0, x0 = _fit(blob)
     shape, size, side = _templates(n)[0][k]
 
-    colour = np.median(image[blob].astype(np.float32), axis=0)
-    colour_name = list(COLOURS)[int(np.argmin(((_PALETTE - colour) ** 2).sum(-1)))]
+    colour_name = list(COLOURS)[_blob_colour(image.astype(np.float32), blob)]
 
     row, col = (min(int((corner + side / 2) * 3 / n), 2) for corner in (y0, x0))
     return {"shape": shape, "colour": colour_name, "size": size, "position": POSITIONS[3 * row + col]}
@@ -130,8 +134,7 @@ def background_coherent(image: np.ndarray, max_shapes: int = 1) -> bool:
         k, y0, x0 = _fit(blob)
         side = names[k][2]
         shapes[y0:y0 + side, x0:x0 + side] |= masks[k, :side, :side] > 0
-        colour = int(np.argmin(((_PALETTE - np.median(pixels[blob], axis=0)) ** 2).sum(-1)))
-        shapes |= blob & (nearest == colour)
+        shapes |= blob & (nearest == _blob_colour(pixels, blob))
     shapes = ndimage.binary_dilation(shapes, iterations=BACKGROUND_MARGIN)
     off = np.abs(pixels[~shapes] - background).max(initial=0.0)
     return bool(off <= BACKGROUND_TOL)
