@@ -146,6 +146,8 @@ def main(
     run = Path(f"runs/{name}" if seeds == 1 else f"runs/{name}-seeds")
     if eval_mode and seeds > 1:
         raise typer.BadParameter("--seeds is for the demo, not --eval")
+    if jobs > 1 and seeds == 1:
+        raise typer.BadParameter(f"--jobs {jobs} runs seeds side by side: give --seeds N (N > 1) with it")
     if run.exists():
         console.print(f"removing the previous {run}/")
         shutil.rmtree(ROOT / run)

@@ -3,6 +3,9 @@
 import json
 from pathlib import Path
 
+import pytest
+import typer
+
 from mmar_cli.machine import usable_cores
 from mmar_cli.results import markers, record_section
 from stages import demo
@@ -98,3 +101,10 @@ def test_seeds_side_by_side_share_the_cores_and_log_to_files(tmp_path, monkeypat
     assert sorted(calls) == [(k, f"runs/demo-seeds/seed-{k}", True, threads) for k in range(3)]
     text = results.read_text()
     assert "| `gen.checker.all` | 0.910 | 0.900 | 0.920 | 1.0 | 0.900 / 0.910 / 0.920 | >= 0.95 | MISSED |" in text
+
+
+def test_jobs_without_seeds_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "ROOT", tmp_path)
+    monkeypatch.setattr(demo, "_run_stage", lambda *a, **k: pytest.fail("a stage ran"))
+    with pytest.raises(typer.BadParameter, match="--jobs 2 runs seeds side by side: give --seeds N"):
+        demo.main(eval_mode=False, keep_data=False, record=False, seeds=1, jobs=2)
