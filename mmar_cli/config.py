@@ -48,6 +48,9 @@ class ImageTokenizerConfig:
     ae_batch: int = opt(8, "'ae': images per training step (on a CPU, small batches and more steps learn "
                         "faster for the same time)", min=1)
     ae_lr: float = opt(2e-3, "'ae': peak learning rate", min=0.0)
+    ae_precision: str = opt("bf16-mixed", "'ae': arithmetic of its training: 'bf16-mixed' (convolutions in "
+                            "bfloat16, channels-last; weights, optimizer and losses float32) or '32'",
+                            choices=["bf16-mixed", "32"])
     ae_mse: float = opt(16.0, "'ae': weight of the squared error beside the L1 error (pixels in [-1, 1]): "
                         "it punishes the few large errors (a shape's corners) that L1 leaves", min=0.0)
     ae_kl: float = opt(0.0, "'ae': weight of the KL term per latent value (0: a plain autoencoder, encoding "
@@ -276,13 +279,17 @@ class FinetuneConfig(TrainConfig):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class GenerationConfig:
-    cfg: float = opt(2.0, "classifier-free guidance scale at the last iteration (1: off)", min=0.0)
-    cfg_schedule: str = opt("linear", "how the CFG scale moves over the iterations",
-                            choices=["linear", "constant"])
+    cfg: float = opt(2.0, "classifier-free guidance scale at its strongest iteration (1: off)", min=0.0)
+    cfg_schedule: str = opt("falling", "how the CFG scale moves over the iterations: 'falling' from cfg at the "
+                                       "first to 1 at the last, 'linear' from 1 up to cfg at the last (MAR's), "
+                                       "'constant'", choices=["falling", "linear", "constant"])
     temperature: float = opt(0.8, "diffusion sampling temperature (scales the noise of each sampling step) at the "
                                   "first iteration", min=0.0)
     temperature_end: Optional[float] = opt(0.2, "temperature at the last iteration, reached linearly (None: "
                                                 "`temperature` throughout, as MAR)", min=0.0)
+    noise_share: float = opt(0.0, "share of each diffusion draw's noise that all tokens of one image have in common (0: "
+                                  "every token its own noise, as MAR; 1: one noise path per image): tokens whose "
+                                  "conditions agree, such as a flat background's, then come out alike", min=0.0, max=1.0)
     iterations: int = opt(8, "autoregressive iterations (cosine schedule; at most one per image token)", min=1)
     candidates: int = opt(1, "images drawn per prompt, keeping the one the model itself reads back best: the "
                              "likeliest to be captioned with the prompt (costs `candidates` times the sampling)",

@@ -7,7 +7,7 @@ import torch
 
 from mmar_cli.config import DiffusionHeadConfig, GenerationConfig, ModelConfig
 from mmar_cli.data.sequence import CAPTION, IGNORE, QA, T2I, UNCOND, build_batch, encode_prefix
-from mmar_cli.model.generate import cosine_known, generate_images, generate_text, iteration_temperature
+from mmar_cli.model.generate import cfg_scale, cosine_known, generate_images, generate_text, iteration_temperature
 from mmar_cli.model.mmar import MMAR
 from mmar_cli.model.presets import resolve
 
@@ -349,6 +349,52 @@ def test_the_temperature_falls_linearly_from_first_to_last_iteration(model, monk
     constant = generate_images(model, cond, None, gen_config(iterations=4, temperature=0.8, temperature_end=None),
                                seeded(1, 2))
     assert torch.equal(flat, constant) and not torch.allclose(falling, constant)
+
+
+def test_cfg_schedules_over_the_iterations():
+    scales = {schedule: [cfg_scale(gen_config(cfg=3.0, cfg_schedule=schedule), k, 5) for k in range(5)]
+              for schedule in ("falling", "linear", "constant")}
+    assert scales["falling"] == [3.0, 2.5, 2.0, 1.5, 1.0]  # the default: guided first draws, unguided last
+    assert scales["linear"] == [1.4, 1.8, 2.2, 2.6, 3.0]
+    assert scales["constant"] == [3.0] * 5
+    assert GenerationConfig().cfg_schedule == "falling"
+    assert cfg_scale(gen_config(cfg=3.0, cfg_schedule="falling"), 0, 1) == 3.0  # one iteration: guided
+
+
+def test_noise_share_gives_an_images_tokens_one_noise_path(model, monkeypatch):
+    """gen.noise_share 1: every token of a row gets the same noise at each draw of each iteration, rows
+    differ; 0 is the default (each token its own); rows stay what they would be alone."""
+    cond, _ = t2i_prompts(model)
+    noises = []
+    sample = model.diffusion.sample
+
+    def spy(denoise, noise, *rest):
+        def logged():
+            n = noise()
+            noises.append(n)
+            return n
+        return sample(denoise, logged, *rest)
+
+    monkeypatch.setattr(model.diffusion, "sample", spy)
+    gen = gen_config(iterations=4, diffusion_steps=3, sampler="ddpm", noise_share=1.0)
+    shared = generate_images(model, cond, None, gen, seeded(1, 2))
+    per_draw = len(noises) // 4  # x_T and the ancestral draws of one iteration
+    assert per_draw == 3  # x_T + 2 ancestral steps (the last step adds none)
+    for k, n in enumerate(noises):
+        assert torch.equal(n, n[:, :1].expand_as(n))  # one value per row for all its tokens
+        assert torch.equal(n[:, 0], noises[k % per_draw][:, 0])  # the same path in every iteration
+        assert not torch.allclose(n[0], n[1])
+    noises.clear()
+    alone = generate_images(model, cond[1:], None, gen, seeded(2))
+    assert torch.allclose(alone[0], shared[1], atol=1e-5)
+    noises.clear()
+    half = generate_images(model, cond, None, gen_config(iterations=4, diffusion_steps=3, noise_share=0.5),
+                           seeded(1, 2))
+    assert not torch.equal(noises[-1], noises[-1][:, :1].expand_as(noises[-1]))
+    default = generate_images(model, cond, None, gen_config(iterations=4, diffusion_steps=3), seeded(1, 2))
+    zero = generate_images(model, cond, None, gen_config(iterations=4, diffusion_steps=3, noise_share=0.0),
+                           seeded(1, 2))
+    assert torch.equal(default, zero) and not torch.allclose(default, shared) and not torch.allclose(half, shared)
 
 
 def test_cfg_one_is_exactly_the_conditional_path(model):

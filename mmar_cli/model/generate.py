@@ -43,6 +43,18 @@ def iteration_temperature(gen, step: int, iterations: int) -> float:
     return gen.temperature + (gen.temperature_end - gen.temperature) * step / (iterations - 1)
 
 
+def cfg_scale(gen, step: int, iterations: int) -> float:
+    """The guidance scale of iteration `step` by gen.cfg_schedule: 'falling' from gen.cfg at the first
+    iteration to 1 (none) at the last, 'linear' rising from 1 towards gen.cfg at the last (MAR's), or
+    'constant'. Early draws fix what the image shows and need the prompt's push; late ones fill in
+    between known neighbours, where guidance's overshoot leaves specks of colour by the shape."""
+    if gen.cfg_schedule == "constant":
+        return gen.cfg
+    if gen.cfg_schedule == "linear":
+        return 1.0 + (gen.cfg - 1.0) * (step + 1) / iterations
+    return 1.0 + (gen.cfg - 1.0) * (1.0 - step / max(1, iterations - 1))
+
+
 # --------------------------------------------------------------------------------------------------
 # Text -> image
 # --------------------------------------------------------------------------------------------------
@@ -75,6 +87,10 @@ def generate_images(model, prefix_ids: torch.Tensor, uncond_ids: Optional[torch.
     model.backbone(model.backbone.embed_tokens(rows), positions[:P], mask[:, :, :P, :P], cache)
     boi = model.backbone.embed_tokens(torch.full((R, 1), s.boi, device=dev))
 
+    # gen.noise_share: one noise path per row ([B, 1 + steps, D]: x_T, then each DDPM step), mixed into
+    # every token's own noise, so tokens of one image that the model conditions alike are drawn alike
+    share = gen.noise_share
+    shared = randn_rows(gens, (1 + gen.diffusion_steps, D), dev) if share > 0 else None
     orders = torch.stack([torch.randperm(N, generator=g, device=draw_device(g, dev)).to(dev)
                           for g in gens])
     tokens = torch.zeros(B, N, D, device=dev)
@@ -90,7 +106,7 @@ def generate_images(model, prefix_ids: torch.Tensor, uncond_ids: Optional[torch.
         h = model.backbone(x, positions[P:], mask[:, :, P:], cache, update_cache=False,
                            keep=1 + idx.repeat(R // B, 1))
         cond = model.head.cond_proj(model.vis_proj(h).reshape(-1, model.head.cond_proj.in_features))
-        scale = 1.0 + (gen.cfg - 1.0) * ((step + 1) / iterations if gen.cfg_schedule == "linear" else 1.0)
+        scale = cfg_scale(gen, step, iterations)
 
         def denoise(x_t, t):
             m = x_t.shape[1]
@@ -100,7 +116,15 @@ def generate_images(model, prefix_ids: torch.Tensor, uncond_ids: Optional[torch.
             return cfg_combine(pred[:B], pred[B:], scale) if guided else pred
 
         shape = (idx.shape[1], D)  # each row's noise from its own generator
-        values = model.diffusion.sample(denoise, lambda: randn_rows(gens, shape, dev), gen.diffusion_steps,
+        draws = iter(range(1 + gen.diffusion_steps))
+
+        def noise():
+            own = randn_rows(gens, shape, dev)
+            if shared is None:
+                return own
+            return math.sqrt(share) * shared[:, next(draws), None] + math.sqrt(1.0 - share) * own
+
+        values = model.diffusion.sample(denoise, noise, gen.diffusion_steps,
                                         gen.sampler, iteration_temperature(gen, step, iterations),
                                         model.cfg.token_bound)
         tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, D), values.to(tokens.dtype))
