@@ -48,9 +48,6 @@ class ImageTokenizerConfig:
     ae_batch: int = opt(8, "'ae': images per training step (on a CPU, small batches and more steps learn "
                         "faster for the same time)", min=1)
     ae_lr: float = opt(2e-3, "'ae': peak learning rate", min=0.0)
-    ae_precision: str = opt("bf16-mixed", "'ae': arithmetic of its training: 'bf16-mixed' (convolutions in "
-                            "bfloat16, channels-last; weights, optimizer and losses float32) or '32'",
-                            choices=["bf16-mixed", "32"])
     ae_mse: float = opt(16.0, "'ae': weight of the squared error beside the L1 error (pixels in [-1, 1]): "
                         "it punishes the few large errors (a shape's corners) that L1 leaves", min=0.0)
     ae_kl: float = opt(0.0, "'ae': weight of the KL term per latent value (0: a plain autoencoder, encoding "

@@ -104,24 +104,6 @@ def test_same_seed_same_weights_other_seed_other_weights(fitted, train_images):
     assert other.spec()["sha256"] != short.spec()["sha256"]
 
 
-def test_precision_of_training_is_a_setting_and_old_specs_load_as_float32(fitted, train_images, tmp_path):
-    tok, _ = fitted
-    assert tok.spec()["ae_precision"] == "bf16-mixed"  # the default
-    fp32 = build_image_tokenizer(image_cfg(ae_precision="32"), 32, train_images, log=lambda line: None)
-    assert fp32.spec()["ae_precision"] == "32" and fp32.spec()["sha256"] != tok.spec()["sha256"]
-    held_out = shapes("val", 50)
-    errors = [np.abs(t.decode(t.encode(held_out)).astype(float) - held_out).mean() for t in (tok, fp32)]
-    assert max(errors) < 1.3 * min(errors)  # both learn about as well in 40 steps
-    # the weights end in the plain (contiguous) layout either way, so encoding reads them as saved
-    assert all(p.is_contiguous() for p in tok.model.parameters())
-    # a manifest written before the key existed: trained in float32
-    tok.save(tmp_path)
-    old = {k: v for k, v in tok.spec().items() if k != "ae_precision"}
-    assert load_image_tokenizer(tmp_path, old).settings["ae_precision"] == "32"
-    with pytest.raises(UserError, match="image_tokenizer.ae_precision"):
-        load_config(TokenizeConfig, None, ["image_tokenizer.ae_precision=fp16"], {})
-
-
 def test_kl_autoencoder_encodes_the_posterior_mean(train_images):
     lines = []
     tok = build_image_tokenizer(image_cfg(ae_kl=1e-3, ae_steps=10), 32, train_images[:64], log=lines.append)

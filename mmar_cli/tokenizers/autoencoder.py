@@ -114,12 +114,10 @@ def _images_to_input(images: np.ndarray) -> torch.Tensor:
 
 
 def train(model: Autoencoder, images: np.ndarray, steps: int, batch: int, lr: float, mse_weight: float,
-          kl_weight: float, seed: int, precision: str = "32", log=print) -> dict:
+          kl_weight: float, seed: int, log=print) -> dict:
     """Fit `model` to uint8 images [M, H, W, 3] (loss: L1 + mse_weight x squared error + kl_weight x KL),
     with a progress line (`log`) every tenth of the steps; returns {'loss_l1', 'loss_kl', 'seconds'} of
-    the last tenth. Batches and posterior draws come from a generator seeded with `seed`.
-    precision 'bf16-mixed': the convolutions run in bfloat16 (autocast, channels-last memory), the
-    weights, optimizer and losses stay float32."""
+    the last tenth. Batches and posterior draws come from a generator seeded with `seed`."""
     log_every = max(1, steps // 10)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -131,24 +129,20 @@ def train(model: Autoencoder, images: np.ndarray, steps: int, batch: int, lr: fl
         t = (step - warmup) / max(1, steps - warmup)
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    mixed = precision == "bf16-mixed"
-    layout = torch.channels_last if mixed else torch.contiguous_format
-    model.to(memory_format=layout).train()
+    model.train()
     start, sums, count = time.monotonic(), [0.0, 0.0], 0
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         idx = torch.randint(len(images), (batch,), generator=gen).numpy()
-        x = _images_to_input(images[idx]).contiguous(memory_format=layout)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
-            mean, logvar = model.posterior(x)
-            mean, logvar = mean.float(), None if logvar is None else logvar.float()
-            if logvar is not None:
-                z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
-                kl = 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()
-            else:
-                z, kl = mean, torch.zeros(())
-            err = model.decode(z).float() - x
+        x = _images_to_input(images[idx])
+        mean, logvar = model.posterior(x)
+        if logvar is not None:
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+            kl = 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()
+        else:
+            z, kl = mean, torch.zeros(())
+        err = model.decode(z) - x
         l1, mse = err.abs().mean(), (err ** 2).mean()
         loss = l1 + mse_weight * mse + kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -164,7 +158,7 @@ def train(model: Autoencoder, images: np.ndarray, steps: int, batch: int, lr: fl
                 f"{(step + 1) * batch / seconds:.0f} images/s, elapsed {seconds:.0f} s")
             last = {"loss_l1": sums[0] / count, "loss_kl": sums[1] / count, "seconds": seconds}
             sums, count = [0.0, 0.0], 0
-    model.to(memory_format=torch.contiguous_format).eval()
+    model.eval()
     return last
 
 

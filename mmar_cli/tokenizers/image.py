@@ -219,7 +219,7 @@ class AETokenizer(PatchTokenizer):
     kind = "ae"
     value_bound = None
     ARCH_KEYS = ("ae_channels", "ae_width", "ae_depth")
-    TRAIN_KEYS = ("ae_steps", "ae_batch", "ae_lr", "ae_precision", "ae_mse", "ae_kl", "ae_images", "ae_seed")
+    TRAIN_KEYS = ("ae_steps", "ae_batch", "ae_lr", "ae_mse", "ae_kl", "ae_images", "ae_seed")
 
     def __init__(self, image_size: int, patch_size: int, settings: dict, state: Optional[dict] = None):
         super().__init__(image_size, patch_size)
@@ -229,7 +229,6 @@ class AETokenizer(PatchTokenizer):
         if patch_size < 2 or 2 ** levels != patch_size:
             raise UserError(f"image_tokenizer.patch_size={patch_size}: the ae tokenizer's downsampling must be a "
                             "power of two (2, 4, 8, ...)")
-        settings = {"ae_precision": "32", **settings}  # shards of a version before the key trained in float32
         self.settings = {k: settings[k] for k in self.ARCH_KEYS + self.TRAIN_KEYS}
         self.model = autoencoder.Autoencoder(settings["ae_channels"], settings["ae_width"], levels,
                                              settings["ae_depth"], kl=settings["ae_kl"] > 0).eval()
@@ -253,8 +252,7 @@ class AETokenizer(PatchTokenizer):
         log(f"ae: training a {sum(p.numel() for p in tok.model.parameters()) / 1e6:.2f} M parameter autoencoder "
             f"on {len(images)} images for {settings['ae_steps']} steps")
         autoencoder.train(tok.model, images, settings["ae_steps"], settings["ae_batch"], settings["ae_lr"],
-                          settings["ae_mse"], settings["ae_kl"], settings["ae_seed"], settings["ae_precision"],
-                          log=log)
+                          settings["ae_mse"], settings["ae_kl"], settings["ae_seed"], log=log)
         tok.model.requires_grad_(False)
         z = autoencoder.latent_means(tok.model, images[:4096]).transpose(0, 1).flatten(1)  # [C, many]
         tok.latent_mean, tok.latent_std = z.mean(1), z.std(1).clamp(min=1e-4)
