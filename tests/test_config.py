@@ -103,7 +103,7 @@ def test_the_demo_presets_change_no_default_of_the_model():
 
 def test_a_preset_starts_from_its_base_and_overrides_it(tmp_path):
     demo, short = (load_config(TrainConfig, ROOT / "configs" / "pretrain" / f"{name}.yaml") for name in ("demo", "eval"))
-    assert changed_keys(demo, short) == {"model.diffusion.batch_mul", "trainer.max_steps", "trainer.ckpt_every"}
+    assert changed_keys(demo, short) == {"trainer.max_steps", "trainer.ckpt_every"}
     assert (short.model.max_prefix_len, short.trainer.num_workers, short.trainer.max_steps) == (12, 0, 800)
     (tmp_path / "a.yaml").write_text("base: b.yaml\ntrainer:\n  max_steps: 5\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
