@@ -284,9 +284,10 @@ class GenerationConfig:
                                   "first iteration", min=0.0)
     temperature_end: Optional[float] = opt(0.2, "temperature at the last iteration, reached linearly (None: "
                                                 "`temperature` throughout, as MAR)", min=0.0)
-    noise_share: float = opt(0.0, "share of each diffusion draw's noise that all tokens of one image have in common (0: "
-                                  "every token its own noise, as MAR; 1: one noise path per image): tokens whose "
-                                  "conditions agree, such as a flat background's, then come out alike", min=0.0, max=1.0)
+    noise_share: float = opt(0.0, "share of each diffusion draw's noise that all tokens of one image have in "
+                                  "common (0: every token its own noise, as MAR; 1: one noise path per image): "
+                                  "tokens whose conditions agree, such as a flat background's, then come out alike",
+                             min=0.0, max=1.0)
     iterations: int = opt(8, "autoregressive iterations (cosine schedule; at most one per image token)", min=1)
     candidates: int = opt(1, "images drawn per prompt, keeping the one the model itself reads back best: the "
                              "likeliest to be captioned with the prompt (costs `candidates` times the sampling)",
