@@ -179,6 +179,43 @@ def train_speed(cfg, tok, batch_size: int, precision: str, steps: int, device: s
             "gflops": flops / seconds / 1e9, "params_m": sum(p.numel() for p in step.model.parameters()) / 1e6}
 
 
+def varied_batches_speed(cfg, tok, batch_size: int, precision: str, steps: int, warmup: int) -> dict:
+    """Mean step time over `steps` batches after `warmup`, each batch a new draw of the task mix: as in
+    training, the rows of each task, the columns they read and the masked count change every step, and with
+    them the shapes of the matmuls (what oneDNN's kernel cache holds, `mmar_cli/__init__.py`)."""
+    step = TrainStep(cfg, precision)
+    batches = [synthetic_batch(tok, step.model.layout, cfg.token_dim, batch_size, seed=i) for i in range(warmup + steps)]
+    for batch in batches[:warmup]:
+        step(batch)
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
+        step(batch)
+    seconds = (time.perf_counter() - start) / steps
+    return {"batch": batch_size, "step_s": seconds, "samples_s": batch_size / seconds}
+
+
+def kernel_cache_main(argv=None) -> None:
+    """`python benchmarks/bench_train.py SHARDS`: varied_batches_speed of the demo's model (the demo preset, its
+    12-token prefix and suffix) at batch 64, bf16-mixed, on the tokenizers of the shard directory SHARDS, printed
+    as JSON. `make bench` runs it once per ONEDNN_PRIMITIVE_CACHE_CAPACITY: oneDNN reads it once per process."""
+    import argparse
+    import json
+    import os
+
+    from mmar_cli.data.shards import load_tokenizers
+
+    p = argparse.ArgumentParser(description=kernel_cache_main.__doc__)
+    p.add_argument("shards", help="token shard directory (its text and image tokenizers)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps")
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps before them")
+    p.add_argument("--batch", type=int, default=64, help="rows per batch")
+    args = p.parse_args(argv)
+    tok, image_tok = load_tokenizers(args.shards)
+    cfg = model_config("demo", tok.vocab_size, image_tok.token_dim, max_prefix_len=12, max_suffix_len=12)
+    r = varied_batches_speed(cfg, tok, args.batch, "bf16-mixed", args.steps, args.warmup)
+    print(json.dumps({**r, "capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}))
+
+
 # --------------------------------------------------------------------------------------------------
 # Waiting for data
 # --------------------------------------------------------------------------------------------------
@@ -217,3 +254,7 @@ def data_wait(shard_dir, num_workers: int, batch_size: int, steps: int, epoch_st
             "step_s": sum(totals) / steps, "first_batch_s": first, "steps": steps, "epoch_steps": epoch_steps,
             "wait_frac_first_epoch": sum(waits[:epoch]) / max(sum(totals[:epoch]), 1e-9),
             "wait_frac_later": sum(waits[epoch:]) / max(sum(totals[epoch:]), 1e-9)}
+
+
+if __name__ == "__main__":
+    kernel_cache_main()

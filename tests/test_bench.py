@@ -2,6 +2,7 @@
 writes every section of the report with finite, positive figures."""
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def test_quick_run_writes_every_section(tmp_path):
     out = tmp_path / "results.md"
     res = bench_run.main(["--quick", "--threads", "1", "--out", str(out)])
     text = out.read_text()
-    for section in ("## Machine", "## Targets", "## Training", "## Scaling", "## Data pipeline", "## Sampling",
+    for section in ("## Machine", "## Targets", "## Training", "## Kernel cache", "## Scaling", "## Data pipeline", "## Sampling",
                     "## How the figures are computed"):
         assert section in text
     # 2 peak fractions, speed, accuracy, 2 data waits; each ✓, ✗ or – (no signal)
@@ -108,6 +109,9 @@ def test_quick_run_writes_every_section(tmp_path):
     assert [r["workers"] for r in res["data"]] == [0, 1] and all(0 <= r["wait_frac"] < 1 for r in res["data"])
     assert all(0 < r[k] < 1 for r in res["data"] for k in ("wait_frac_first_epoch", "wait_frac_later"))
     assert res["sha256_gbs"] > 0
+    # the kernel cache: oneDNN's default, then mmar's, each read by its own process
+    assert [r["capacity"] for r in res["cache"]] == ["1024", os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]]
+    assert all(r["batch"] == 4 and r["samples_s"] > 0 for r in res["cache"])
     assert s["trained_here"]  # no --ckpt: a checkpoint trained on the spot
     assert 0 <= s["default"]["accuracy"] <= 100 and s["cache"]["max_diff"] < 1e-4 and s["text"]["same"]
     assert (s["default"]["candidates"], s["demo"]["candidates"]) == (1, 4)

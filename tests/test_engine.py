@@ -84,3 +84,19 @@ def test_step_seed_depends_on_seed_step_rank_and_nothing_else():
     assert len(seeds) == 12
     # the same in every process and version: a resumed run draws the masks and noise it would have drawn
     assert (step_seed(0, 5, 1), step_seed(1, 0, 0)) == (1565899405, 1835504127)
+
+
+@pytest.mark.parametrize("given, kept", [(None, "16384"), ("77", "77")])
+def test_importing_mmar_sets_the_kernel_cache_unless_the_user_did(given, kept):
+    """oneDNN keeps 1024 compiled matmul kernels by default, too few for training's changing shapes; mmar asks
+    for 16384 before torch runs anything, and leaves a value the user set alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if given is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = given
+    code = "import os, mmar_cli; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == kept
