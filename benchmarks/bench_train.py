@@ -184,7 +184,8 @@ def varied_batches_speed(cfg, tok, batch_size: int, precision: str, steps: int, 
     training, the rows of each task, the columns they read and the masked count change every step, and with
     them the shapes of the matmuls (what oneDNN's kernel cache holds, `mmar_cli/__init__.py`)."""
     step = TrainStep(cfg, precision)
-    batches = [synthetic_batch(tok, step.model.layout, cfg.token_dim, batch_size, seed=i) for i in range(warmup + steps)]
+    batches = [synthetic_batch(tok, step.model.layout, cfg.token_dim, batch_size, seed=i)
+               for i in range(warmup + steps)]
     for batch in batches[:warmup]:
         step(batch)
     start = time.perf_counter()

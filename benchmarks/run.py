@@ -63,7 +63,8 @@ class Sizes:
     data_steps: int = 90  # about 3 epochs of num_train samples: the first from disk, the rest from the cache
     fallback_steps: int = 300  # optimizer steps of the checkpoint trained when there is none
     fallback_model: Optional[dict] = None  # None: the tiny preset
-    cache: tuple = (64, 20, 40)  # kernel-cache A/B, the demo's model: (batch, untimed steps, timed steps)
+    cache: tuple = (64, 200, 40)  # kernel-cache A/B, the demo's model: (batch, untimed steps, timed steps)
+    cache_repeats: int = 2  # runs of each cache size, alternating
     prompts: int = 128  # prompts for default vs reference sampling and for captions (one standard error ~4 points at 60 %)
     batch: int = 16  # rows per sampling forward pass
     min_sampling_s: float = 10.0  # default and reference sampling: fastest of runs filling this time
@@ -73,7 +74,8 @@ class Sizes:
 
 QUICK = Sizes(peak_n=256, train={"tiny": (2, 1), "small": (2, 1)}, scaling_batch=1, scaling_steps=1,
               num_train=32, shard_size=8, data_batch=4, data_steps=12, fallback_steps=2, fallback_model=TOY_MODEL,
-              prompts=2, batch=2, min_sampling_s=0.0, min_variant_s=0.0, variant_prompts=2, cache=(4, 1, 2))
+              prompts=2, batch=2, min_sampling_s=0.0, min_variant_s=0.0, variant_prompts=2, cache=(4, 1, 2),
+              cache_repeats=1)
 
 
 _START = time.perf_counter()
@@ -129,20 +131,27 @@ def measure_scaling(tok, token_dim: int, sizes: Sizes) -> dict:
 
 def measure_kernel_cache(shard_dir: Path, sizes: Sizes, threads: int) -> List[dict]:
     """The demo's model on batches that change every step, with oneDNN's kernel cache at its own default (1024
-    kernels) and at mmar's (`mmar_cli/__init__.py`): a process each, as oneDNN reads the setting once."""
+    kernels) and at mmar's (`mmar_cli/__init__.py`): a process each, as oneDNN reads the setting once; the two
+    alternate `sizes.cache_repeats` times and each keeps its fastest (this machine's speed drifts)."""
     import json
     import subprocess
 
     batch, warmup, steps = sizes.cache
-    rows = []
-    for capacity in ("1024", os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")):
-        env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity, "OMP_NUM_THREADS": str(threads)}
-        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), str(shard_dir),
-                              "--batch", str(batch), "--warmup", str(warmup), "--steps", str(steps)],
-                             env=env, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        log(f"kernel cache {capacity}: {rows[-1]['samples_s']:.1f} samples/s")
-    return rows
+    best: dict = {}
+    for _ in range(sizes.cache_repeats):
+        for capacity in ("1024", os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")):
+            env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity, "OMP_NUM_THREADS": str(threads)}
+            out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), str(shard_dir),
+                                  "--batch", str(batch), "--warmup", str(warmup), "--steps", str(steps)],
+                                 env=env, check=True, capture_output=True, text=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            log(f"kernel cache {capacity}: {r['samples_s']:.1f} samples/s")
+            r["runs"] = best.get(capacity, {}).get("runs", 0) + 1
+            if capacity not in best or r["step_s"] < best[capacity]["step_s"]:
+                best[capacity] = r
+            else:
+                best[capacity]["runs"] = r["runs"]
+    return list(best.values())
 
 
 def measure_data(shard_dir: Path, sizes: Sizes) -> List[dict]:
@@ -297,8 +306,8 @@ def cache_section(info: dict, cache: List[dict]) -> List[str]:
            "oneDNN runs the bf16 matmuls on a CPU and compiles a kernel for each shape; training's shapes change "
            "every step (the rows of each task, the columns they read, the masked count). The demo's model "
            f"(demo preset, 12-token prefix and suffix), bf16-mixed, batch {batch}, a new batch of the task mix each "
-           f"step; mean of {steps} steps after {warmup}, one process per cache size "
-           "(`ONEDNN_PRIMITIVE_CACHE_CAPACITY`).", ""]
+           f"step; mean of {steps} steps after {warmup}, one process per run (`ONEDNN_PRIMITIVE_CACHE_CAPACITY` is "
+           f"read once), the two sizes alternating {info['sizes'].cache_repeats} times; the fastest run of each.", ""]
     out += table(["kernels kept", "step (s)", "samples/s"],
                  [[r["capacity"], f"{r['step_s']:.3f}", f"{r['samples_s']:.1f}"] for r in cache])
     return out + ["", f"- mmar's {ours['capacity']} kernels vs oneDNN's default 1024: "

@@ -86,8 +86,8 @@ def test_quick_run_writes_every_section(tmp_path):
     out = tmp_path / "results.md"
     res = bench_run.main(["--quick", "--threads", "1", "--out", str(out)])
     text = out.read_text()
-    for section in ("## Machine", "## Targets", "## Training", "## Kernel cache", "## Scaling", "## Data pipeline", "## Sampling",
-                    "## How the figures are computed"):
+    for section in ("## Machine", "## Targets", "## Training", "## Kernel cache", "## Scaling", "## Data pipeline",
+                    "## Sampling", "## How the figures are computed"):
         assert section in text
     # 2 peak fractions, speed, accuracy, 2 data waits; each ✓, ✗ or – (no signal)
     targets = [line for line in text.split("## Targets")[1].split("## ")[0].splitlines() if line.startswith("- ")]
