@@ -137,21 +137,17 @@ def measure_kernel_cache(shard_dir: Path, sizes: Sizes, threads: int) -> List[di
     import subprocess
 
     batch, warmup, steps = sizes.cache
-    best: dict = {}
+    capacities = ("1024", os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])  # the second: as mmar_cli set it
+    runs: List[List[dict]] = [[] for _ in capacities]
     for _ in range(sizes.cache_repeats):
-        for capacity in ("1024", os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")):
+        for capacity, results in zip(capacities, runs):
             env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity, "OMP_NUM_THREADS": str(threads)}
             out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), str(shard_dir),
                                   "--batch", str(batch), "--warmup", str(warmup), "--steps", str(steps)],
                                  env=env, check=True, capture_output=True, text=True).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            log(f"kernel cache {capacity}: {r['samples_s']:.1f} samples/s")
-            r["runs"] = best.get(capacity, {}).get("runs", 0) + 1
-            if capacity not in best or r["step_s"] < best[capacity]["step_s"]:
-                best[capacity] = r
-            else:
-                best[capacity]["runs"] = r["runs"]
-    return list(best.values())
+            results.append(json.loads(out.strip().splitlines()[-1]))
+            log(f"kernel cache {capacity}: {results[-1]['samples_s']:.1f} samples/s")
+    return [min(results, key=lambda r: r["step_s"]) for results in runs]
 
 
 def measure_data(shard_dir: Path, sizes: Sizes) -> List[dict]:
@@ -456,8 +452,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
     # a section of its own: `make bench-scale` keeps another in the same file
     record_section(out, SECTION, report(info, training, cache, scaling, data, sampling, lines))
     log("\n".join(["", *lines, "", f"written: {out}"]))
-    return {"out": out, "training": training, "cache": cache, "scaling": scaling, "data": data, "sampling": sampling,
-            "sha256_gbs": sha256_gbs}
+    return {"out": out, "training": training, "cache": cache, "scaling": scaling, "data": data,
+            "sampling": sampling, "sha256_gbs": sha256_gbs}
 
 
 if __name__ == "__main__":
