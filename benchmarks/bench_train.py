@@ -23,7 +23,7 @@ from mmar_cli.data import shapes
 from mmar_cli.data.datamodule import ShardDataModule, assign_task
 from mmar_cli.data.sequence import IGNORE, build_batch
 from mmar_cli.engine.ema import EMA
-from mmar_cli.engine.module import MODEL_KEYS, param_groups
+from mmar_cli.engine.module import MODEL_KEYS, adamw
 from mmar_cli.model.mmar import MMAR
 from mmar_cli.model.presets import resolve
 
@@ -36,9 +36,10 @@ FLOPs per step = 6·(Σ_g n_g·(P_blocks·T_g − P_ask·(T_g − Q_g)) + P_embe
                     + W·V·S)
                  + 12·W·Σ_g n_g·T_g·((depth − 1)·T_g + Q_g)
 
-  training runs the rows of each task g together (MMAR.read_spans): n_g rows on T_g frame columns, from
-  the first real token of any of them to the last position a loss reads; the last block asks (queries,
-  output projection, SwiGLU) only at those Q_g read positions, its keys and values run on all T_g
+  training runs its rows in groups g (MMAR.read_spans: all rows, or each task's with model.split_tasks): n_g
+  rows on T_g frame columns, from the first real token of any of them to the last position a loss reads;
+  the last block asks (queries, output projection, SwiGLU) only at those Q_g read positions, its keys and
+  values run on all T_g
   B rows, N image tokens per row; W width, V vocabulary
   P_blocks  matmul weights of the decoder blocks (q, k, v, o, SwiGLU); P_ask: the last block's q, o, SwiGLU
   P_embed   matmul weights of the image embedder (linear map + any ViT blocks), on the B·N image tokens
@@ -117,11 +118,11 @@ def synthetic_batch(tok, layout, token_dim: int, batch_size: int, seed: int = 0)
 class TrainStep:
     """One optimizer step of the trainer on a batch: forward, backward, clip, AdamW, EMA."""
 
-    def __init__(self, cfg, precision: str, seed: int = 0, device: str = "cpu"):
+    def __init__(self, cfg, precision: str, seed: int = 0, device: str = "cpu", fused: bool = True):
         torch.manual_seed(seed)
         self.device = torch.device(device)
         self.model = MMAR(cfg).train().to(self.device)
-        self.optim = torch.optim.AdamW(param_groups(self.model, OptimConfig()), lr=1e-4)
+        self.optim = adamw(self.model, OmegaConf.structured(OptimConfig), fused)  # the trainer's AdamW
         self.ema = EMA(self.model, 0.999)
         self.bf16 = precision == "bf16-mixed"
 
@@ -179,11 +180,12 @@ def train_speed(cfg, tok, batch_size: int, precision: str, steps: int, device: s
             "gflops": flops / seconds / 1e9, "params_m": sum(p.numel() for p in step.model.parameters()) / 1e6}
 
 
-def varied_batches_speed(cfg, tok, batch_size: int, precision: str, steps: int, warmup: int) -> dict:
+def varied_batches_speed(cfg, tok, batch_size: int, precision: str, steps: int, warmup: int,
+                         fused: bool = True) -> dict:
     """Mean step time over `steps` batches after `warmup`, each batch a new draw of the task mix: as in
     training, the rows of each task, the columns they read and the masked count change every step, and with
     them the shapes of the matmuls (what oneDNN's kernel cache holds, `mmar_cli/__init__.py`)."""
-    step = TrainStep(cfg, precision)
+    step = TrainStep(cfg, precision, fused=fused)
     batches = [synthetic_batch(tok, step.model.layout, cfg.token_dim, batch_size, seed=i)
                for i in range(warmup + steps)]
     for batch in batches[:warmup]:
@@ -195,26 +197,32 @@ def varied_batches_speed(cfg, tok, batch_size: int, precision: str, steps: int, 
     return {"batch": batch_size, "step_s": seconds, "samples_s": batch_size / seconds}
 
 
-def kernel_cache_main(argv=None) -> None:
-    """`python benchmarks/bench_train.py SHARDS`: varied_batches_speed of the demo's model (the demo preset, its
-    12-token prefix and suffix) at batch 64, bf16-mixed, on the tokenizers of the shard directory SHARDS, printed
-    as JSON. `make bench` runs it once per ONEDNN_PRIMITIVE_CACHE_CAPACITY: oneDNN reads it once per process."""
+def step_choices_main(argv=None) -> None:
+    """`python benchmarks/bench_train.py SHARDS [--split-tasks] [--foreach]`: varied_batches_speed of the demo's
+    model (the demo preset, its 12-token prefix and suffix), bf16-mixed, on the tokenizers of the shard directory
+    SHARDS, printed as JSON with the choices it ran: oneDNN's kernel cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY, read
+    once per process), one pass per task or all rows in one (model.split_tasks), fused or foreach AdamW.
+    `make bench` runs it once per choice, against mmar's defaults."""
     import argparse
     import json
     import os
 
     from mmar_cli.data.shards import load_tokenizers
 
-    p = argparse.ArgumentParser(description=kernel_cache_main.__doc__)
+    p = argparse.ArgumentParser(description=step_choices_main.__doc__)
     p.add_argument("shards", help="token shard directory (its text and image tokenizers)")
     p.add_argument("--steps", type=int, default=40, help="timed steps")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps before them")
     p.add_argument("--batch", type=int, default=64, help="rows per batch")
+    p.add_argument("--split-tasks", action="store_true", help="model.split_tasks=true: a pass per task")
+    p.add_argument("--foreach", action="store_true", help="foreach AdamW instead of the fused one")
     args = p.parse_args(argv)
     tok, image_tok = load_tokenizers(args.shards)
-    cfg = model_config("demo", tok.vocab_size, image_tok.token_dim, max_prefix_len=12, max_suffix_len=12)
-    r = varied_batches_speed(cfg, tok, args.batch, "bf16-mixed", args.steps, args.warmup)
-    print(json.dumps({**r, "capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}))
+    cfg = model_config("demo", tok.vocab_size, image_tok.token_dim, max_prefix_len=12, max_suffix_len=12,
+                       split_tasks=args.split_tasks)
+    r = varied_batches_speed(cfg, tok, args.batch, "bf16-mixed", args.steps, args.warmup, fused=not args.foreach)
+    print(json.dumps({**r, "capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
+                      "split_tasks": args.split_tasks, "fused": not args.foreach}))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,4 +266,4 @@ def data_wait(shard_dir, num_workers: int, batch_size: int, steps: int, epoch_st
 
 
 if __name__ == "__main__":
-    kernel_cache_main()
+    step_choices_main()

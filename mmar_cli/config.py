@@ -180,6 +180,9 @@ class ModelConfig:
     max_prefix_len: int = opt(24, "text tokens before the image (prompt / question), left-padded", min=2)
     max_suffix_len: int = opt(24, "text tokens after the image (caption / answer), right-padded", min=2)
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    split_tasks: bool = opt(False, "training runs the rows of each task (text -> image, caption, ...) on their own "
+                                   "columns: fewer FLOPs in more, smaller passes (False: all rows in one pass on "
+                                   "the columns any of them reads)")
     init_from_qwen2: Optional[str] = opt(None, "local Hugging Face Qwen2 directory to import backbone "
                                          "weights from (config.json + *.safetensors)")
     # Filled from the token shards' manifest by the training stage; not set by hand.

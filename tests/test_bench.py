@@ -86,7 +86,7 @@ def test_quick_run_writes_every_section(tmp_path):
     out = tmp_path / "results.md"
     res = bench_run.main(["--quick", "--threads", "1", "--out", str(out)])
     text = out.read_text()
-    for section in ("## Machine", "## Targets", "## Training", "## Kernel cache", "## Scaling", "## Data pipeline",
+    for section in ("## Machine", "## Targets", "## Training", "## Training step choices", "## Scaling", "## Data pipeline",
                     "## Sampling", "## How the figures are computed"):
         assert section in text
     # 2 peak fractions, speed, accuracy, 2 data waits; each ✓, ✗ or – (no signal)
@@ -109,9 +109,12 @@ def test_quick_run_writes_every_section(tmp_path):
     assert [r["workers"] for r in res["data"]] == [0, 1] and all(0 <= r["wait_frac"] < 1 for r in res["data"])
     assert all(0 < r[k] < 1 for r in res["data"] for k in ("wait_frac_first_epoch", "wait_frac_later"))
     assert res["sha256_gbs"] > 0
-    # the kernel cache: oneDNN's default, then mmar's, each read by its own process
-    assert [r["capacity"] for r in res["cache"]] == ["1024", os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]]
-    assert all(r["batch"] == 4 and r["samples_s"] > 0 for r in res["cache"])
+    # mmar's defaults, then each undone, each run by its own process (oneDNN reads its cache size once)
+    ours = os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
+    assert [(r["capacity"], r["split_tasks"], r["fused"]) for r in res["choices"]] == [
+        (ours, False, True), ("1024", False, True), (ours, True, True), (ours, False, False)]
+    assert all(r["batch"] == 4 and r["samples_s"] > 0 for r in res["choices"])
+    assert text.count("×**") >= 3  # each choice's ratio to the defaults
     assert s["trained_here"]  # no --ckpt: a checkpoint trained on the spot
     assert 0 <= s["default"]["accuracy"] <= 100 and s["cache"]["max_diff"] < 1e-4 and s["text"]["same"]
     assert (s["default"]["candidates"], s["demo"]["candidates"]) == (1, 4)

@@ -100,3 +100,37 @@ def test_importing_mmar_sets_the_kernel_cache_unless_the_user_did(given, kept):
     code = "import os, mmar_cli; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == kept
+
+
+@pytest.mark.parametrize("scaler, fused", [(None, True), (torch.amp.GradScaler("cpu"), False)])
+def test_adamw_is_fused_unless_a_gradient_scaler_must_unscale_first(scaler, fused):
+    from types import SimpleNamespace
+
+    from mmar_cli.config import TrainConfig
+    from mmar_cli.engine.module import TrainModule
+
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.trainer.ema_decay = 0.0
+    module = TrainModule(cfg, tiny_model())
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
+    opt = module.configure_optimizers()["optimizer"]
+    assert bool(opt.defaults["fused"]) is fused and bool(opt.defaults["foreach"]) is not fused
+
+
+def test_gradient_clipping_with_a_fused_adamw_clips_the_global_norm():
+    """Lightning's mixed-precision plugin refuses fused optimizers; the module clips them itself."""
+    from types import SimpleNamespace
+
+    from mmar_cli.config import TrainConfig
+    from mmar_cli.engine.module import TrainModule
+
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.trainer.ema_decay = 0.0
+    module = TrainModule(cfg, tiny_model())
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None), strategy=None)
+    opt = module.configure_optimizers()["optimizer"]
+    for p in module.model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    module.configure_gradient_clipping(opt, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.model.parameters()]))
+    assert norm == pytest.approx(0.5, rel=1e-4)

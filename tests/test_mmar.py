@@ -121,8 +121,9 @@ def test_text_loss_is_the_cross_entropy_of_the_supervised_suffix(model):
     torch.testing.assert_close(out["loss_txt"], expected)
 
 
-def test_training_reads_the_full_frames_states_at_the_positions_its_losses_use():
-    model = make_model(max_prefix_len=10)  # room for padding left of every prompt
+@pytest.mark.parametrize("split_tasks, passes", [(False, 1), (True, 4)])
+def test_training_reads_the_full_frames_states_at_the_positions_its_losses_use(split_tasks, passes):
+    model = make_model(max_prefix_len=10, split_tasks=split_tasks)  # room for padding left of every prompt
     batch = a_batch(model, (T2I, CAPTION, QA, UNCOND, T2I, CAPTION))
     lay = model.layout
     torch.manual_seed(2)
@@ -138,7 +139,10 @@ def test_training_reads_the_full_frames_states_at_the_positions_its_losses_use()
             cut = model.read_states(*args, batch["task"], read)
         assert cut.shape == full.shape and read.sum() > 10
         torch.testing.assert_close(cut[read], full[read], atol=1e-5, rtol=1e-5)
-        assert not cut[~read].any()  # nothing computed where no loss reads
+        if split_tasks:  # each row computed only where its own losses read
+            assert not cut[~read].any()
+        assert cut.isfinite().all()
+        assert len(model.read_spans(batch["task"], batch["valid"], read)) == passes  # one per task, or one
 
 
 def test_diffusion_loss_reads_only_masked_tokens_of_generation_rows(model):

@@ -103,12 +103,14 @@ class MMAR(nn.Module):
         return self.backbone(self.embed(text_ids, image_tokens, masked), positions, mask)
 
     def read_spans(self, task: torch.Tensor, valid: torch.Tensor, read: torch.Tensor) -> list:
-        """What read_states runs: per task with a read position, (rows, read columns, lo, hi) where
-        [lo, hi) spans the first real token of any of its rows to its last read position, or to the end of
-        the image when it reads inside it (image tokens see the whole image)."""
+        """What read_states runs: (rows, read columns, lo, hi) where [lo, hi) spans the first real token of
+        any of the rows to their last read position, or to the end of the image when they read inside it
+        (image tokens see the whole image). One entry for all rows, or with model.split_tasks one per task
+        with a read position."""
         lay, spans = self.layout, []
-        for t in task.unique().tolist():
-            rows = (task == t).nonzero().squeeze(1)
+        groups = task.unique().tolist() if self.cfg.split_tasks else [None]
+        for t in groups:
+            rows = torch.arange(task.shape[0], device=task.device) if t is None else (task == t).nonzero().squeeze(1)
             cols = read[rows].any(0).nonzero().squeeze(1)
             if cols.numel():
                 lo = min(int(valid[rows].any(0).nonzero()[0]), int(cols[0]))
@@ -119,11 +121,12 @@ class MMAR(nn.Module):
     def read_states(self, text_ids: torch.Tensor, valid: torch.Tensor, image_tokens: torch.Tensor,
                     masked: torch.Tensor, task: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, L, width] at the positions training reads (`read` [B, L] bool), equal to
-        hidden_states' there, zeros elsewhere, for less work: the rows of one task run together on the
-        columns they use, from the first real token of any of them to the last read position (a
-        text -> image row stops at its image, a caption row skips the prompt's padding), and the last
-        block asks only at the read positions. Cutting is exact: padding is never a key, and nothing
-        attends to a later position except inside the image, which is kept whole."""
+        hidden_states' there (elsewhere zeros, or what the pass computed at a column another row reads),
+        for less work: the rows run on the columns they use, from the first real token of any of them to
+        the last read position (with model.split_tasks each task's rows on their own: a text -> image row
+        stops at its image, a caption row skips the prompt's padding), and the last block asks only at the
+        read positions. Cutting is exact: padding is never a key, and nothing attends to a later position
+        except inside the image, which is kept whole."""
         x = self.embed(text_ids, image_tokens, masked)
         span, positions = self.layout.image_span(), torch.arange(self.layout.length, device=x.device)
         parts = []
