@@ -6,7 +6,8 @@
     mmar finetune optim.backbone_lr_mult=0.1             # or a lower LR for the backbone
 
 The architecture comes from the `init` checkpoint (its config.yaml); of the model keys only the training
-ones (mask_min, mask_std, known_noise, caption_noise, grad_checkpointing) are taken from this run's config.
+ones (mask_min, mask_std, known_noise, caption_noise, grad_checkpointing, split_tasks) are taken from this
+run's config.
 """
 
 from pathlib import Path

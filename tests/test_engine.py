@@ -22,6 +22,21 @@ def tiny_model():
     return MMAR(resolve(OmegaConf.merge(OmegaConf.structured(ModelConfig), TINY)))
 
 
+def tiny_train_module(scaler=None, strategy=None):
+    """A TrainModule of tiny_model() without EMA, its trainer a stand-in with this precision plugin's gradient
+    scaler and this strategy."""
+    from types import SimpleNamespace
+
+    from mmar_cli.config import TrainConfig
+    from mmar_cli.engine.module import TrainModule
+
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.trainer.ema_decay = 0.0
+    module = TrainModule(cfg, tiny_model())
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), strategy=strategy)
+    return module
+
+
 def optim(**kw):
     return OmegaConf.merge(OmegaConf.structured(OptimConfig), kw)
 
@@ -104,30 +119,13 @@ def test_importing_mmar_sets_the_kernel_cache_unless_the_user_did(given, kept):
 
 @pytest.mark.parametrize("scaler, fused", [(None, True), (torch.amp.GradScaler("cpu"), False)])
 def test_adamw_is_fused_unless_a_gradient_scaler_must_unscale_first(scaler, fused):
-    from types import SimpleNamespace
-
-    from mmar_cli.config import TrainConfig
-    from mmar_cli.engine.module import TrainModule
-
-    cfg = OmegaConf.structured(TrainConfig)
-    cfg.trainer.ema_decay = 0.0
-    module = TrainModule(cfg, tiny_model())
-    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
-    opt = module.configure_optimizers()["optimizer"]
+    opt = tiny_train_module(scaler).configure_optimizers()["optimizer"]
     assert bool(opt.defaults["fused"]) is fused and bool(opt.defaults["foreach"]) is not fused
 
 
 def test_gradient_clipping_with_a_fused_adamw_clips_the_global_norm():
     """Lightning's mixed-precision plugin refuses fused optimizers; the module clips them itself."""
-    from types import SimpleNamespace
-
-    from mmar_cli.config import TrainConfig
-    from mmar_cli.engine.module import TrainModule
-
-    cfg = OmegaConf.structured(TrainConfig)
-    cfg.trainer.ema_decay = 0.0
-    module = TrainModule(cfg, tiny_model())
-    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None), strategy=None)
+    module = tiny_train_module()
     opt = module.configure_optimizers()["optimizer"]
     for p in module.model.parameters():
         p.grad = torch.full_like(p, 3.0)

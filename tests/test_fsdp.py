@@ -5,10 +5,7 @@ it, and benchmarks/gpu.sh runs those tests."""
 from types import SimpleNamespace
 
 from lightning.pytorch.strategies import FSDPStrategy
-from omegaconf import OmegaConf
 
-from mmar_cli.config import TrainConfig
-from mmar_cli.engine.module import TrainModule
 from mmar_cli.model.backbone import Block
 from mmar_cli.model.diffusion_head import ResBlock
 from mmar_cli.engine.strategy import lightning_strategy
@@ -23,14 +20,11 @@ def test_fsdp_shards_each_block_as_its_own_unit():
 
 
 def test_fsdp_clips_the_gradient_norm_through_its_root_module():
-    from test_engine import tiny_model
+    from test_engine import tiny_train_module
 
-    cfg = OmegaConf.structured(TrainConfig)
-    cfg.trainer.ema_decay = 0.0
-    module = TrainModule(cfg, tiny_model())
     clipped = []
     strategy = lightning_strategy("fsdp")
     strategy.model = SimpleNamespace(clip_grad_norm_=clipped.append)
-    module._trainer = SimpleNamespace(strategy=strategy)
+    module = tiny_train_module(strategy=strategy)
     module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
     assert clipped == [0.5]

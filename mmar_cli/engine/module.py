@@ -70,8 +70,8 @@ def param_groups(model: nn.Module, optim) -> list[dict]:
 
 def adamw(model: nn.Module, optim, fused: bool) -> torch.optim.AdamW:
     """AdamW over `param_groups(model, optim)`: fused (one kernel for the whole update, on the CPU too; the
-    demo's ~200 ms step spent 14 ms in foreach AdamW, 2.4 fused: benchmarks/results.md) or foreach (one kernel
-    per group; torch's default is that on CUDA only)."""
+    demo's ~200 ms step spent 14 ms in foreach AdamW, 2.4 fused: docs/RESULTS.md) or foreach (one kernel per
+    group; torch's default is that on CUDA only)."""
     return torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, betas=(optim.beta1, optim.beta2),
                              **({"fused": True} if fused else {"foreach": True}))
 

@@ -11,7 +11,7 @@ from mmar_cli.model.mmar import MMAR
 from mmar_cli.model.presets import resolve
 
 # Model keys a finetune may change; every other model key (the architecture) comes from `init`.
-TRAINING_MODEL_KEYS = ("mask_min", "mask_std", "known_noise", "caption_noise", "grad_checkpointing")
+TRAINING_MODEL_KEYS = ("mask_min", "mask_std", "known_noise", "caption_noise", "grad_checkpointing", "split_tasks")
 
 
 def model_config(cfg, tok, image_tok, init_cfg=None):
