@@ -44,7 +44,12 @@ class ImageTokenizerConfig:
     ae_width: int = opt(24, "'ae': channels of the full-size convolutions (x2 at each halving, at most x4)",
                         min=4)
     ae_depth: int = opt(1, "'ae': residual blocks per resolution in the encoder and in the decoder", min=0)
-    ae_steps: int = opt(4000, "'ae': training steps (AdamW, cosine learning rate)", min=1)
+    ae_steps: int = opt(2500, "'ae': training steps of the whole autoencoder (AdamW, cosine learning rate)", min=1)
+    ae_decoder_steps: int = opt(2500, "'ae': steps that then train the decoder alone, the encoder and so the tokens "
+                                "fixed (a new cosine from a quarter of ae_lr): sharper decoded images", min=0)
+    ae_precision: str = opt("bf16", "'ae': arithmetic of its training: '32', or 'bf16' (autocast, channels-last; "
+                            "weights and AdamW in fp32): faster on CPUs with native bfloat16 (AVX-512 BF16, "
+                            "AMX), slower on those without", choices=["32", "bf16"])
     ae_batch: int = opt(8, "'ae': images per training step (on a CPU, small batches and more steps learn "
                         "faster for the same time)", min=1)
     ae_lr: float = opt(2e-3, "'ae': peak learning rate", min=0.0)

@@ -16,7 +16,8 @@ from mmar_cli.data.shapes import make_sample
 from mmar_cli.errors import UserError
 from mmar_cli.tokenizers.image import IMAGE_TOKENIZER_FILE, AETokenizer, build_image_tokenizer, load_image_tokenizer
 
-TINY = dict(kind="ae", ae_channels=8, ae_width=8, ae_steps=40, ae_batch=16, ae_lr=3e-3)
+TINY = dict(kind="ae", ae_channels=8, ae_width=8, ae_steps=40, ae_decoder_steps=0, ae_precision="32", ae_batch=16,
+            ae_lr=3e-3)
 TINY_ARGS = [f"image_tokenizer.{k}={v}" for k, v in TINY.items()]
 SMALL = ["shapes.num_train=40", "shapes.num_val=6", "shapes.num_test=4", "shard_size=16"]
 
@@ -102,6 +103,48 @@ def test_same_seed_same_weights_other_seed_other_weights(fitted, train_images):
     other = build_image_tokenizer(image_cfg(ae_seed=1, ae_steps=2), 32, train_images, **quiet)
     short = build_image_tokenizer(image_cfg(ae_steps=2), 32, train_images, **quiet)
     assert other.spec()["sha256"] != short.spec()["sha256"]
+
+
+def test_decoder_phase_keeps_the_tokens_and_sharpens_the_decoder(fitted, train_images):
+    tok, _ = fitted
+    lines = []
+    more = build_image_tokenizer(image_cfg(ae_decoder_steps=30), 32, train_images, log=lines.append)
+    # the same seed and joint steps: the same encoder, so the same tokens; the decoder trained further
+    assert torch.equal(more.encode(train_images[:50]), tok.encode(train_images[:50]))
+    enc, dec = tok.model.encoder.state_dict(), tok.model.decoder.state_dict()
+    assert all(torch.equal(v, enc[k]) for k, v in more.model.encoder.state_dict().items())
+    assert not all(torch.equal(v, dec[k]) for k, v in more.model.decoder.state_dict().items())
+    assert more.spec()["sha256"] != tok.spec()["sha256"] and more.spec()["ae_decoder_steps"] == 30
+    steps = [line for line in lines if line.startswith("ae decoder: step")]
+    assert len(steps) == 10 and steps[-1].startswith("ae decoder: step 30/30")
+    held_out = shapes("val", 50)
+
+    def mse(t):
+        return np.mean((t.decode(t.encode(held_out)).astype(np.float64) - held_out) ** 2)
+
+    assert mse(more) < mse(tok)
+
+
+def test_bf16_training_learns_and_leaves_fp32_contiguous_weights(fitted, train_images):
+    tok, _ = fitted
+    lines = []
+    half = build_image_tokenizer(image_cfg(ae_precision="bf16"), 32, train_images, log=lines.append)
+    assert "(bf16)" in lines[0]
+    params = list(half.model.parameters())
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in params)
+    l1 = [float(re.search(r"l1 ([\d.]+)", line).group(1)) for line in lines if line.startswith("ae: step")]
+    assert l1[-1] < 0.7 * l1[0]
+    held_out = shapes("val", 50)
+    err = [np.mean((t.decode(t.encode(held_out)).astype(np.float64) - held_out) ** 2) for t in (half, tok)]
+    assert err[0] < 1.5 * err[1]  # bfloat16 convolutions learn about as well as fp32 ones
+
+
+def test_a_spec_written_before_the_decoder_phase_still_loads(fitted, tmp_path):
+    tok, _ = fitted
+    tok.save(tmp_path)
+    old = {k: v for k, v in tok.spec().items() if k not in ("ae_decoder_steps", "ae_precision")}
+    loaded = load_image_tokenizer(tmp_path, old)
+    assert loaded.settings["ae_decoder_steps"] == 0 and loaded.settings["ae_precision"] == "32"
 
 
 def test_kl_autoencoder_encodes_the_posterior_mean(train_images):

@@ -14,8 +14,12 @@ token's edge is drawn from both sides of it.
               decoder sees latents drawn from the posterior, so it learns to decode a neighbourhood of
               each code (what a diffusion head's samples land in)
 
-Training is seeded (initial weights, batches and posterior draws) and runs on the CPU, in torch's threads,
-for `ae_steps` AdamW steps with a cosine learning rate. Encoding uses the posterior mean.
+Training is seeded (initial weights, batches and posterior draws) and runs on the CPU, in torch's threads:
+`ae_steps` AdamW steps of the whole autoencoder with a cosine learning rate, then `ae_decoder_steps` of the
+decoder alone (a new cosine from a quarter of the peak) with the encoder, and so every token, fixed: the
+decoder learns the very codes the model will draw, and gets most of the steps' gain in decoded images
+(docs/RESULTS.md). `bf16`: the convolutions in bfloat16 under autocast, channels-last (weights, their
+gradients and AdamW in fp32); encoding and decoding afterwards run in fp32. Encoding uses the posterior mean.
 """
 
 from __future__ import annotations
@@ -113,52 +117,69 @@ def _images_to_input(images: np.ndarray) -> torch.Tensor:
     return _as_unit_range(images).permute(0, 3, 1, 2)
 
 
-def train(model: Autoencoder, images: np.ndarray, steps: int, batch: int, lr: float, mse_weight: float,
-          kl_weight: float, seed: int, log=print) -> dict:
-    """Fit `model` to uint8 images [M, H, W, 3] (loss: L1 + mse_weight x squared error + kl_weight x KL),
-    with a progress line (`log`) every tenth of the steps; returns {'loss_l1', 'loss_kl', 'seconds'} of
-    the last tenth. Batches and posterior draws come from a generator seeded with `seed`."""
-    log_every = max(1, steps // 10)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    warmup = max(1, min(100, steps // 20))
-
-    def lr_at(step):  # linear warm-up, then cosine down to a tenth
+def lr_schedule(peak: float, steps: int, warmup: int, floor: float):
+    """Learning rate at each step: linear warm-up, then cosine down to `floor` x peak."""
+    def lr_at(step):
         if step < warmup:
-            return lr * (step + 1) / warmup
+            return peak * (step + 1) / warmup
         t = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+        return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+    return lr_at
 
-    model.train()
-    start, sums, count = time.monotonic(), [0.0, 0.0], 0
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        idx = torch.randint(len(images), (batch,), generator=gen).numpy()
-        x = _images_to_input(images[idx])
-        mean, logvar = model.posterior(x)
-        if logvar is not None:
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
-            kl = 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()
-        else:
-            z, kl = mean, torch.zeros(())
-        err = model.decode(z) - x
-        l1, mse = err.abs().mean(), (err ** 2).mean()
-        loss = l1 + mse_weight * mse + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sums[0] += l1.item()
-        sums[1] += kl.item()
-        count += 1
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            seconds = time.monotonic() - start
-            log(f"ae: step {step + 1}/{steps}, l1 {sums[0] / count:.4f}, kl {sums[1] / count:.3f}, "
-                f"{(step + 1) * batch / seconds:.0f} images/s, elapsed {seconds:.0f} s")
-            last = {"loss_l1": sums[0] / count, "loss_kl": sums[1] / count, "seconds": seconds}
-            sums, count = [0.0, 0.0], 0
-    model.eval()
+
+def train(model: Autoencoder, images: np.ndarray, steps: int, batch: int, lr: float, mse_weight: float,
+          kl_weight: float, seed: int, decoder_steps: int = 0, bf16: bool = False, log=print) -> dict:
+    """Fit `model` to uint8 images [M, H, W, 3] (loss: L1 + mse_weight x squared error + kl_weight x KL):
+    `steps` of the whole autoencoder, then `decoder_steps` of the decoder alone, with a progress line
+    (`log`) every tenth of each; returns {'loss_l1', 'loss_kl', 'seconds'} of the last tenth. Batches and
+    posterior draws come from a generator seeded with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = torch.channels_last if bf16 else torch.contiguous_format
+    model.to(memory_format=layout).train()
+    start = time.monotonic()
+    phases = [("ae", model.parameters(), steps, lr_schedule(lr, steps, max(1, min(100, steps // 20)), 0.1)),
+              ("ae decoder", model.decoder.parameters(), decoder_steps, lr_schedule(lr / 4, decoder_steps, 1, 0.0))]
+    last = {}
+    for name, params, n, lr_at in phases:
+        if n == 0:
+            continue
+        model.encoder.requires_grad_(name == "ae")
+        params = [p for p in params if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+        log_every, sums, count, phase_start = max(1, n // 10), [0.0, 0.0], 0, time.monotonic()
+        for step in range(n):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            idx = torch.randint(len(images), (batch,), generator=gen).numpy()
+            x = _images_to_input(images[idx]).contiguous(memory_format=layout)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with torch.set_grad_enabled(name == "ae"):
+                    mean, logvar = model.posterior(x)
+                mean = mean.float()
+                if logvar is not None:
+                    logvar = logvar.float()
+                    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+                    kl = 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()
+                else:
+                    z, kl = mean, torch.zeros(())
+                err = model.decode(z).float() - x
+            l1, mse = err.abs().mean(), (err ** 2).mean()
+            loss = l1 + mse_weight * mse + kl_weight * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sums[0] += l1.item()
+            sums[1] += kl.item()
+            count += 1
+            if (step + 1) % log_every == 0 or step + 1 == n:
+                seconds = time.monotonic() - phase_start
+                log(f"{name}: step {step + 1}/{n}, l1 {sums[0] / count:.4f}, kl {sums[1] / count:.3f}, "
+                    f"{(step + 1) * batch / seconds:.0f} images/s, elapsed {time.monotonic() - start:.0f} s")
+                last = {"loss_l1": sums[0] / count, "loss_kl": sums[1] / count, "seconds": time.monotonic() - start}
+                sums, count = [0.0, 0.0], 0
+    model.requires_grad_(True)
+    model.to(memory_format=torch.contiguous_format).eval()
     return last
 
 

@@ -219,7 +219,9 @@ class AETokenizer(PatchTokenizer):
     kind = "ae"
     value_bound = None
     ARCH_KEYS = ("ae_channels", "ae_width", "ae_depth")
-    TRAIN_KEYS = ("ae_steps", "ae_batch", "ae_lr", "ae_mse", "ae_kl", "ae_images", "ae_seed")
+    TRAIN_KEYS = ("ae_steps", "ae_decoder_steps", "ae_precision", "ae_batch", "ae_lr", "ae_mse", "ae_kl",
+                  "ae_images", "ae_seed")
+    EARLIER = {"ae_decoder_steps": 0, "ae_precision": "32"}  # what tokenizers written before these keys used
 
     def __init__(self, image_size: int, patch_size: int, settings: dict, state: Optional[dict] = None):
         super().__init__(image_size, patch_size)
@@ -229,6 +231,7 @@ class AETokenizer(PatchTokenizer):
         if patch_size < 2 or 2 ** levels != patch_size:
             raise UserError(f"image_tokenizer.patch_size={patch_size}: the ae tokenizer's downsampling must be a "
                             "power of two (2, 4, 8, ...)")
+        settings = {**self.EARLIER, **settings}
         self.settings = {k: settings[k] for k in self.ARCH_KEYS + self.TRAIN_KEYS}
         self.model = autoencoder.Autoencoder(settings["ae_channels"], settings["ae_width"], levels,
                                              settings["ae_depth"], kl=settings["ae_kl"] > 0).eval()
@@ -250,9 +253,12 @@ class AETokenizer(PatchTokenizer):
             tok = cls(image_size, patch_size, settings)
         tok.model.requires_grad_(True)
         log(f"ae: training a {sum(p.numel() for p in tok.model.parameters()) / 1e6:.2f} M parameter autoencoder "
-            f"on {len(images)} images for {settings['ae_steps']} steps")
+            f"on {len(images)} images for {settings['ae_steps']} steps, then its decoder alone for "
+            f"{settings['ae_decoder_steps']} ({settings['ae_precision']})")
         autoencoder.train(tok.model, images, settings["ae_steps"], settings["ae_batch"], settings["ae_lr"],
-                          settings["ae_mse"], settings["ae_kl"], settings["ae_seed"], log=log)
+                          settings["ae_mse"], settings["ae_kl"], settings["ae_seed"],
+                          decoder_steps=settings["ae_decoder_steps"], bf16=settings["ae_precision"] == "bf16",
+                          log=log)
         tok.model.requires_grad_(False)
         z = autoencoder.latent_means(tok.model, images[:4096]).transpose(0, 1).flatten(1)  # [C, many]
         tok.latent_mean, tok.latent_std = z.mean(1), z.std(1).clamp(min=1e-4)
