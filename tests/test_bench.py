@@ -86,7 +86,8 @@ def test_quick_run_writes_every_section(tmp_path):
     out = tmp_path / "results.md"
     res = bench_run.main(["--quick", "--threads", "1", "--out", str(out)])
     text = out.read_text()
-    for section in ("## Machine", "## Targets", "## Training", "## Training step choices", "## Scaling", "## Data pipeline",
+    for section in ("## Machine", "## Targets", "## Training", "## Training step choices", "## Autoencoder training",
+                    "## Scaling", "## Data pipeline",
                     "## Sampling", "## How the figures are computed"):
         assert section in text
     # 2 peak fractions, speed, accuracy, 2 data waits; each ✓, ✗ or – (no signal)
@@ -115,6 +116,10 @@ def test_quick_run_writes_every_section(tmp_path):
         (ours, False, True), ("1024", False, True), (ours, True, True), (ours, False, False)]
     assert all(r["batch"] == 4 and r["samples_s"] > 0 for r in res["choices"])
     assert text.count("×**") >= 3  # each choice's ratio to the defaults
+    assert [(r["precision"], r["phase"]) for r in res["autoencoder"]] == [
+        ("32", "whole autoencoder"), ("32", "decoder alone"), ("bf16", "whole autoencoder"), ("bf16", "decoder alone")]
+    assert all(r["images_s"] > 0 and r["step_ms"] > 0 for r in res["autoencoder"])
+    assert [r["vs_fp32"] for r in res["autoencoder"][:2]] == [1.0, 1.0]
     assert s["trained_here"]  # no --ckpt: a checkpoint trained on the spot
     assert 0 <= s["default"]["accuracy"] <= 100 and s["cache"]["max_diff"] < 1e-4 and s["text"]["same"]
     assert (s["default"]["candidates"], s["demo"]["candidates"]) == (1, 4)
