@@ -17,8 +17,8 @@ token's edge is drawn from both sides of it.
 Training is seeded (initial weights, batches and posterior draws) and runs on the CPU, in torch's threads:
 `ae_steps` AdamW steps of the whole autoencoder with a cosine learning rate, then `ae_decoder_steps` of the
 decoder alone (a new cosine from a quarter of the peak) with the encoder, and so every token, fixed: the
-decoder learns the very codes the model will draw, and gets most of the steps' gain in decoded images
-(docs/RESULTS.md). `bf16`: the convolutions in bfloat16 under autocast, channels-last (weights, their
+decoder then learns the very codes the model is trained on (decoded backgrounds gain most from these steps,
+docs/RESULTS.md). `bf16`: the convolutions in bfloat16 under autocast, channels-last (weights, their
 gradients and AdamW in fp32); encoding and decoding afterwards run in fp32. Encoding uses the posterior mean.
 """
 
