@@ -170,7 +170,7 @@ def measure_autoencoder(sizes: Sizes) -> List[dict]:
 
     from mmar_cli.config import ImageTokenizerConfig
     from mmar_cli.data import shapes
-    from mmar_cli.tokenizers import autoencoder
+    from mmar_cli.tokenizers.image import build_image_tokenizer
 
     n_images, steps, repeats = sizes.autoencoder
     cfg = OmegaConf.structured(ImageTokenizerConfig)
@@ -179,11 +179,9 @@ def measure_autoencoder(sizes: Sizes) -> List[dict]:
     for _ in range(repeats):
         for precision in ("32", "bf16"):
             lines = []
-            torch.manual_seed(cfg.ae_seed)
-            model = autoencoder.Autoencoder(cfg.ae_channels, cfg.ae_width, cfg.patch_size.bit_length() - 1,
-                                            cfg.ae_depth, kl=False)
-            autoencoder.train(model, images, steps, cfg.ae_batch, cfg.ae_lr, cfg.ae_mse, cfg.ae_kl, cfg.ae_seed,
-                              decoder_steps=steps, bf16=precision == "bf16", log=lines.append)
+            run_cfg = OmegaConf.merge(cfg, {"kind": "ae", "ae_steps": steps, "ae_decoder_steps": steps,
+                                            "ae_precision": precision})
+            build_image_tokenizer(run_cfg, images.shape[1], images, log=lines.append)
             for phase, prefix in (("whole autoencoder", "ae: step"), ("decoder alone", "ae decoder: step")):
                 last = [line for line in lines if line.startswith(prefix)][-1]
                 images_s = float(re.search(r"([\d.]+) images/s", last).group(1))
