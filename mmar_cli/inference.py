@@ -99,19 +99,21 @@ class InferenceModel:
 
     @torch.no_grad()
     def text_to_image(self, prompts: Sequence[str], gen, seed: int, batch_size: int,
-                      first_row: int = 0, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+                      first_row: int = 0, progress: Optional[Callable[[int], None]] = None,
+                      with_first: bool = False):
         """uint8 [len(prompts), H, W, 3]; row i draws from generator (seed, first_row + i).
         `progress(n)` is called after each batch with its number of rows.
 
         gen.candidates K > 1: row i also draws K - 1 more images, candidate k from generator (seed,
         first_row + i, k), and keeps the one whose caption the model finds likeliest to be the prompt
         (`caption_log_likelihood`): the understanding half judges the generating half. Candidate 0 is
-        the image K = 1 gives."""
+        the image K = 1 gives. `with_first`: return (kept images, candidate 0 of each row), so one pass
+        yields both what K candidates give and what a single draw gives."""
         prefix = self.encode(T2I, prompts)
         if gen.candidates > 1:
             self._check_captions(prompts)
         uncond = self.encode(UNCOND, [""]) if gen.cfg != 1.0 else None
-        images = []
+        images, firsts = [], []
         for start in range(0, len(prompts), batch_size):
             rows = prefix[start:start + batch_size].to(self.device)
             un = None if uncond is None else uncond.expand(len(rows), -1).to(self.device)
@@ -126,6 +128,8 @@ class InferenceModel:
                 score = self.caption_log_likelihood(tokens, prompts[start:start + batch_size])
                 if best is None:
                     best, best_score = tokens, score
+                    if with_first:
+                        firsts.append(self.image_tok.decode(tokens.cpu()))
                 else:  # ties keep the earlier candidate
                     better = score > best_score
                     best = torch.where(better[:, None, None], tokens, best)
@@ -133,7 +137,9 @@ class InferenceModel:
             images.append(self.image_tok.decode(best.cpu()))
             if progress is not None:
                 progress(len(rows))
-        return np.concatenate(images)
+        if not with_first:
+            return np.concatenate(images)
+        return np.concatenate(images), np.concatenate(firsts or images)
 
     def _check_captions(self, captions: Sequence[str]) -> None:
         for text in captions:

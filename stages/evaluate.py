@@ -9,7 +9,9 @@ What is measured, on the first `num_samples` held-out samples:
                  image shows what was asked: the analytic checker for the built-in shapes (gen.checker.*:
                  shape, colour, size, position, all), and for samples with a class label (`label_key`) a
                  small CNN trained on the training split's real images (gen.classifier.accuracy). Each judge
-                 also scores the true images (ref.*): its ceiling.
+                 also scores the true images (ref.*): its ceiling. With gen.candidates K > 1 the kept images
+                 are the best of K, and the first candidate of each prompt, the image K = 1 draws, is judged
+                 too (one_draw.gen.*, with its seam ratio): both figures from one pass.
                  FID against the true images at equal N: clean-fid's Inception when its weights file is on
                  disk (gen.fid), else an in-project extractor (gen.fid_proxy, not comparable to published
                  FIDs). Diversity in the same feature space: improved precision/recall (gen.precision,
@@ -106,8 +108,13 @@ def run(cfg) -> dict:
     start = time.perf_counter()
     prompts = [s["caption"] for s in samples]
     with progress("evaluate: text -> image", n) as advance:
-        generated = model.text_to_image(prompts, cfg.gen, cfg.seed, cfg.batch_size, progress=advance)
+        generated, first_draw = model.text_to_image(prompts, cfg.gen, cfg.seed, cfg.batch_size, progress=advance,
+                                                    with_first=True)
     timings["text_to_image_images_per_s"] = n / (time.perf_counter() - start)
+    # with gen.candidates > 1, the first candidate of each prompt is the image gen.candidates=1 draws: judged
+    # too (one_draw.*), from the same pass
+    one_draw = cfg.gen.candidates > 1
+    one_draw_settings = {**gen_settings, "candidates": 1}
 
     # judges: each scores the generated images and, as its ceiling, the true ones
     verdicts: Dict[int, List[str]] = {}
@@ -123,6 +130,10 @@ def run(cfg) -> dict:
                gen_settings)
         record(_prefixed(f"ref.{judge.name}", accuracy.mean_hits(ref_hits)), judge.evaluator, len(judged), None,
                note=f"the {judge.name} on the true images: the ceiling of gen.{judge.name}")
+        if one_draw:
+            record(_prefixed(f"one_draw.gen.{judge.name}", accuracy.mean_hits(judge.hits(first_draw[judged], exp))),
+                   judge.evaluator, len(judged), one_draw_settings,
+                   note="the first of the gen.candidates images of each prompt: what one draw gives")
         judge_info[judge.name] = {"evaluator": judge.evaluator, "judged": len(judged), **judge.provenance}
         shown = [i for i in judged if i < REPORT_ROWS]
         for i, verdict in zip(shown, judge.verdicts(generated[shown], [expected[i] for i in shown])):
@@ -161,6 +172,9 @@ def run(cfg) -> dict:
     if renders is not None:
         record({"gen.seam_ratio": seams.seam_ratio(generated, originals, cell)}, seam_evaluator, n, gen_settings,
                originals_ref, note="generated / true renders; 1.0: no more visible seams than the data")
+        if one_draw:
+            record({"one_draw.gen.seam_ratio": seams.seam_ratio(first_draw, originals, cell)}, seam_evaluator, n,
+                   one_draw_settings, originals_ref, note="the first candidate of each prompt / true renders")
         record({"ref.seam_ratio": seams.seam_ratio(truth, originals, cell)}, seam_evaluator, n, None,
                originals_ref, note="the tokenizer's own seams: held-out tokens decoded / true renders")
     else:

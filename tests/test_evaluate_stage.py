@@ -113,6 +113,27 @@ def test_metrics_json_records_how_every_figure_was_computed(setup, tmp_path):
 
 
 @pytest.mark.slow
+def test_best_of_k_also_judges_the_first_candidates_as_one_draw(setup, tmp_path):
+    """gen.candidates=3: one_draw.gen.* are the figures of a gen.candidates=1 run (the same images), from
+    the same pass, and record candidates 1; the best of 3 scores at least as well by the kept images' own."""
+    data, ckpt = setup
+    args = ["--ckpt", ckpt, "--data", data / "test", "-n", "12", "--seed", "3", *FAST]
+    code, _, err = mmar("evaluate", *args, "--out", tmp_path / "k3", "gen.candidates=3")
+    assert code == 0, err
+    code, _, err = mmar("evaluate", *args, "--out", tmp_path / "k1")
+    assert code == 0, err
+    k3 = json.loads((tmp_path / "k3" / "metrics.json").read_text())
+    k1 = json.loads((tmp_path / "k1" / "metrics.json").read_text())
+    one = {k[len("one_draw."):]: v for k, v in k3["metrics"].items() if k.startswith("one_draw.")}
+    assert set(one) == {f"gen.checker.{a}" for a in ("shape", "colour", "size", "position", "all", "background")} \
+        | {"gen.seam_ratio"}
+    assert one == {k: k1["metrics"][k] for k in one}
+    assert not any(k.startswith("one_draw.") for k in k1["metrics"])  # one candidate: nothing twice
+    assert k3["provenance"]["one_draw.gen.checker.all"]["settings"]["candidates"] == 1
+    assert k3["provenance"]["gen.checker.all"]["settings"]["candidates"] == 3
+
+
+@pytest.mark.slow
 def test_thresholds_fail_the_run_naming_metric_value_and_minimum(setup, tmp_path):
     data, ckpt = setup
     thresholds = tmp_path / "t.yaml"

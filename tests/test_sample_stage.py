@@ -102,8 +102,11 @@ def test_candidates_keep_the_image_the_model_captions_likeliest(model):
     best = scores.argmax(0)
     expected = model.image_tok.decode(torch.stack([tokens[int(k)][i] for i, k in enumerate(best)]))
     assert np.array_equal(kept, expected)
-    # candidate 0 is the image one candidate gives
-    assert np.array_equal(model.image_tok.decode(tokens[0]), model.text_to_image(PROMPTS, gen(), seed=2, batch_size=2))
+    # candidate 0 is the image one candidate gives, and with_first returns it beside the kept one
+    first = model.image_tok.decode(tokens[0])
+    assert np.array_equal(first, model.text_to_image(PROMPTS, gen(), seed=2, batch_size=2))
+    kept_again, firsts = model.text_to_image(PROMPTS, g3, seed=2, batch_size=1, with_first=True)
+    assert np.array_equal(kept_again, kept) and np.array_equal(firsts, first)
 
 
 def test_caption_log_likelihood_is_minus_the_training_caption_loss(model):
