@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ class InferenceModel:
     @torch.no_grad()
     def text_to_image(self, prompts: Sequence[str], gen, seed: int, batch_size: int,
                       first_row: int = 0, progress: Optional[Callable[[int], None]] = None,
-                      with_first: bool = False):
+                      with_first: bool = False) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
         """uint8 [len(prompts), H, W, 3]; row i draws from generator (seed, first_row + i).
         `progress(n)` is called after each batch with its number of rows.
 
@@ -137,9 +137,10 @@ class InferenceModel:
             images.append(self.image_tok.decode(best.cpu()))
             if progress is not None:
                 progress(len(rows))
+        kept = np.concatenate(images)
         if not with_first:
-            return np.concatenate(images)
-        return np.concatenate(images), np.concatenate(firsts or images)
+            return kept
+        return kept, (np.concatenate(firsts) if firsts else kept)
 
     def _check_captions(self, captions: Sequence[str]) -> None:
         for text in captions:

@@ -11,7 +11,7 @@ What is measured, on the first `num_samples` held-out samples:
                  small CNN trained on the training split's real images (gen.classifier.accuracy). Each judge
                  also scores the true images (ref.*): its ceiling. With gen.candidates K > 1 the kept images
                  are the best of K, and the first candidate of each prompt, the image K = 1 draws, is judged
-                 too (one_draw.gen.*, with its seam ratio): both figures from one pass.
+                 too (one_draw.gen.*; on the built-in data its seam ratio too): both from one pass.
                  FID against the true images at equal N: clean-fid's Inception when its weights file is on
                  disk (gen.fid), else an in-project extractor (gen.fid_proxy, not comparable to published
                  FIDs). Diversity in the same feature space: improved precision/recall (gen.precision,

@@ -115,7 +115,7 @@ def test_metrics_json_records_how_every_figure_was_computed(setup, tmp_path):
 @pytest.mark.slow
 def test_best_of_k_also_judges_the_first_candidates_as_one_draw(setup, tmp_path):
     """gen.candidates=3: one_draw.gen.* are the figures of a gen.candidates=1 run (the same images), from
-    the same pass, and record candidates 1; the best of 3 scores at least as well by the kept images' own."""
+    the same pass, and their provenance records candidates 1."""
     data, ckpt = setup
     args = ["--ckpt", ckpt, "--data", data / "test", "-n", "12", "--seed", "3", *FAST]
     code, _, err = mmar("evaluate", *args, "--out", tmp_path / "k3", "gen.candidates=3")
