@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
 from report_tools import load_average, table  # noqa: E402
+from mmar_cli.config import TaskMixConfig  # noqa: E402
 from mmar_cli.machine import machine  # noqa: E402
 from mmar_cli.results import record_section  # noqa: E402
 
@@ -323,12 +324,13 @@ def machine_section(info: dict) -> List[str]:
 
 
 def training_section(info: dict, training: dict) -> List[str]:
-    peaks, sizes = training["peaks"], info["sizes"]
+    peaks, sizes, mix = training["peaks"], info["sizes"], TaskMixConfig()
     out = ["", "## Training", "",
            f"Matmul peak of this CPU in this run (best {info['machine']['threads']}-thread torch.mm of "
            f"{sizes.peak_n}²): fp32 **{peaks['32']:.1f} GFLOP/s**, bf16 **{peaks['bf16-mixed']:.1f} GFLOP/s**.",
            "", "One step = forward + backward + grad clip + AdamW + EMA on a batch in the default task mix "
-           "(text→image 0.5, image→text 0.4, image only 0.1) from `sequence.build_batch`; median step time.", ""]
+           f"(text→image {mix.t2i}, image→text {mix.i2t}, image only {mix.image_only}) from "
+           "`sequence.build_batch`; median step time.", ""]
     rows = [[r["preset"], f"{r['params_m']:.1f}M", LABEL[r["precision"]], r["batch"], r["length"],
              f"{r['step_s']:.3f}", f"{r['samples_s']:.1f}", f"{r['tokens_s']:,.0f}", f"{r['gflop_step']:.1f}",
              f"{r['gflops']:.1f}", f"{100 * r['peak_frac']:.1f} %"] for r in training["rows"]]

@@ -203,8 +203,8 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class TaskMixConfig:
-    t2i: float = opt(0.6, "share of text->image samples in a batch", min=0.0)
-    i2t: float = opt(0.35, "share of image->text samples (captions, or question->answer when present)",
+    t2i: float = opt(0.5, "share of text->image samples in a batch", min=0.0)
+    i2t: float = opt(0.45, "share of image->text samples (captions, or question->answer when present)",
                      min=0.0)
     image_only: float = opt(0.05, "share of image-only samples (unconditional generation)", min=0.0)
     qa_share: float = opt(0.5, "within image->text, share of question->answer when a sample has one",
@@ -265,13 +265,14 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """`mmar finetune`: from a pretrained checkpoint, with more image -> text and a lower learning rate. The
-    architecture comes from `init`."""
+    """`mmar finetune`: from a pretrained checkpoint, with more text -> image and a lower learning rate (the
+    images are drawn best when understanding is learnt early and generation last). The architecture comes
+    from `init`."""
     out: str = opt("runs/finetune", "run directory: step-XXXXXXXX/ and final/ are written here")
     init: Optional[str] = opt("runs/pretrain/final", "checkpoint directory whose weights and architecture start "
                               "this run; of `model`, only the training keys (mask_min, mask_std, known_noise, "
                               "caption_noise, grad_checkpointing) are read from this config")
-    tasks: TaskMixConfig = opt(factory=lambda: TaskMixConfig(t2i=0.4, i2t=0.6, image_only=0.0),
+    tasks: TaskMixConfig = opt(factory=lambda: TaskMixConfig(t2i=0.6, i2t=0.4, image_only=0.0),
                                help="task mixture and loss weights")
     optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, min_lr_ratio=0.05),
                              help="optimizer and LR schedule")

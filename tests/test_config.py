@@ -83,11 +83,11 @@ def test_a_preset_key_the_stage_never_reads_is_found(tmp_path):
 def test_pretrain_and_finetune_have_their_own_defaults():
     pre, fine = load_config(TrainConfig), load_config(FinetuneConfig)
     assert (pre.out, pre.init, fine.out, fine.init) == ("runs/pretrain", None, "runs/finetune", "runs/pretrain/final")
-    assert (pre.tasks.i2t, pre.optim.lr, pre.trainer.max_steps) == (0.35, 2e-3, 3000)
-    assert (fine.tasks.i2t, fine.optim.lr, fine.trainer.max_steps) == (0.6, 1e-3, 1120)
+    assert (pre.tasks.i2t, pre.optim.lr, pre.trainer.max_steps) == (0.45, 2e-3, 3000)
+    assert (fine.tasks.i2t, fine.optim.lr, fine.trainer.max_steps) == (0.4, 1e-3, 1120)
     assert pre.model == fine.model  # the model keys finetune reads default as in pretraining
     shown = {key: default for key, default, _ in describe_fields(FinetuneConfig)}
-    assert (shown["tasks.i2t"], shown["optim.lr"], shown["init"]) == ("0.6", "0.001", "'runs/pretrain/final'")
+    assert (shown["tasks.i2t"], shown["optim.lr"], shown["init"]) == ("0.4", "0.001", "'runs/pretrain/final'")
 
 
 def changed_keys(a: DictConfig, b: DictConfig) -> set:
