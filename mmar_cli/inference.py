@@ -106,9 +106,10 @@ class InferenceModel:
 
         gen.candidates K > 1: row i also draws K - 1 more images, candidate k from generator (seed,
         first_row + i, k), and keeps the one whose caption the model finds likeliest to be the prompt
-        (`caption_log_likelihood`): the understanding half judges the generating half. Candidate 0 is
-        the image K = 1 gives. `with_first`: return (kept images, candidate 0 of each row), so one pass
-        yields both what K candidates give and what a single draw gives."""
+        (`caption_log_likelihood`): the understanding half judges the generating half, on what each
+        picture shows (its pixels encoded again, as a held-out image would be), not on the tokens drawn.
+        Candidate 0 is the image K = 1 gives. `with_first`: return (kept images, candidate 0 of each row),
+        so one pass yields both what K candidates give and what a single draw gives."""
         prefix = self.encode(T2I, prompts)
         if gen.candidates > 1:
             self._check_captions(prompts)
@@ -122,19 +123,21 @@ class InferenceModel:
                 gens = row_generators(seed, first_row + start, len(rows), candidate=k)
                 with self.autocast(gen):
                     tokens = generate_images(self.model, rows, un, gen, gens).float()
+                pictures = self.image_tok.decode(tokens.cpu())
                 if gen.candidates == 1:
-                    best = tokens
+                    best = pictures
                     break
-                score = self.caption_log_likelihood(tokens, prompts[start:start + batch_size])
+                score = self.caption_log_likelihood(self.image_tok.encode(pictures),
+                                                    prompts[start:start + batch_size])
                 if best is None:
-                    best, best_score = tokens, score
+                    best, best_score = pictures, score
                     if with_first:
-                        firsts.append(self.image_tok.decode(tokens.cpu()))
+                        firsts.append(pictures)
                 else:  # ties keep the earlier candidate
                     better = score > best_score
-                    best = torch.where(better[:, None, None], tokens, best)
+                    best = np.where(better.cpu().numpy()[:, None, None, None], pictures, best)
                     best_score = torch.where(better, score, best_score)
-            images.append(self.image_tok.decode(best.cpu()))
+            images.append(best)
             if progress is not None:
                 progress(len(rows))
         kept = np.concatenate(images)

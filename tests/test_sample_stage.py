@@ -87,23 +87,31 @@ def test_cfg_scale_one_is_the_conditional_path(model):
 
 
 def test_candidates_keep_the_image_the_model_captions_likeliest(model):
+    """Each candidate is scored on its picture encoded again (what it shows), not on the tokens drawn."""
     g3 = gen(candidates=3)
-    kept = model.text_to_image(PROMPTS, g3, seed=2, batch_size=2)
+    read, score = [], model.caption_log_likelihood
+    model.caption_log_likelihood = lambda tokens, captions: read.append(tokens) or score(tokens, captions)
+    try:
+        kept = model.text_to_image(PROMPTS, g3, seed=2, batch_size=2)
+    finally:
+        del model.caption_log_likelihood
     m = model.model
     prefix, uncond = model.encode(T2I, PROMPTS), model.encode(UNCOND, [""]).expand(2, -1)
-    tokens, scores = [], []
+    pictures, scores = [], []
     for k in range(3):  # each candidate drawn alone, from its own generators
         with model.autocast(g3):
-            t = generate_images(m, prefix, uncond, g3, row_generators(2, 0, 2, candidate=k))
-        tokens.append(t.float())
-        scores.append(model.caption_log_likelihood(t.float(), PROMPTS))
+            t = generate_images(m, prefix, uncond, g3, row_generators(2, 0, 2, candidate=k)).float()
+        pictures.append(model.image_tok.decode(t))
+        scores.append(model.caption_log_likelihood(model.image_tok.encode(pictures[-1]), PROMPTS))
+        # what was scored is the picture encoded again, which is not the tokens drawn (rounded to 8 bits)
+        assert torch.equal(read[k], model.image_tok.encode(pictures[-1])) and not torch.allclose(read[k], t)
     scores = torch.stack(scores)  # [K, rows]
     assert (scores < 0).all() and len(set(scores.flatten().tolist())) == 6
     best = scores.argmax(0)
-    expected = model.image_tok.decode(torch.stack([tokens[int(k)][i] for i, k in enumerate(best)]))
+    expected = np.stack([pictures[int(k)][i] for i, k in enumerate(best)])
     assert np.array_equal(kept, expected)
     # candidate 0 is the image one candidate gives, and with_first returns it beside the kept one
-    first = model.image_tok.decode(tokens[0])
+    first = pictures[0]
     assert np.array_equal(first, model.text_to_image(PROMPTS, gen(), seed=2, batch_size=2))
     kept_again, firsts = model.text_to_image(PROMPTS, g3, seed=2, batch_size=1, with_first=True)
     assert np.array_equal(kept_again, kept) and np.array_equal(firsts, first)
