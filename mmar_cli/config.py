@@ -299,8 +299,8 @@ class GenerationConfig:
                              min=0.0, max=1.0)
     iterations: int = opt(8, "autoregressive iterations (cosine schedule; at most one per image token)", min=1)
     candidates: int = opt(1, "images drawn per prompt, keeping the one the model itself reads back best: the "
-                             "picture, encoded again, likeliest to be captioned with the prompt (costs "
-                             "`candidates` times the sampling)",
+                             "likeliest to be captioned with the prompt, read from its tokens and from its "
+                             "picture encoded again (costs `candidates` times the sampling)",
                           min=1)
     diffusion_steps: int = opt(10, "diffusion head sampling steps", min=1)
     sampler: str = opt("ddpm", "diffusion sampler", choices=["ddpm", "ddim"])

@@ -106,8 +106,9 @@ class InferenceModel:
 
         gen.candidates K > 1: row i also draws K - 1 more images, candidate k from generator (seed,
         first_row + i, k), and keeps the one whose caption the model finds likeliest to be the prompt
-        (`caption_log_likelihood`): the understanding half judges the generating half, on what each
-        picture shows (its pixels encoded again, as a held-out image would be), not on the tokens drawn.
+        (`caption_log_likelihood`, summed over two readings of the image: the tokens drawn, and the
+        picture they decode to encoded again as a held-out image would be): the understanding half judges
+        the generating half, on what it meant and on what the user gets.
         Candidate 0 is the image K = 1 gives. `with_first`: return (kept images, candidate 0 of each row),
         so one pass yields both what K candidates give and what a single draw gives."""
         prefix = self.encode(T2I, prompts)
@@ -127,8 +128,10 @@ class InferenceModel:
                 if gen.candidates == 1:
                     best = pictures
                     break
-                score = self.caption_log_likelihood(self.image_tok.encode(pictures),
-                                                    prompts[start:start + batch_size])
+                # two readings of one image: the tokens drawn, and the picture they decode to encoded again
+                captions = prompts[start:start + batch_size]
+                score = (self.caption_log_likelihood(tokens, captions)
+                         + self.caption_log_likelihood(self.image_tok.encode(pictures), captions))
                 if best is None:
                     best, best_score = pictures, score
                     if with_first:

@@ -87,7 +87,7 @@ def test_cfg_scale_one_is_the_conditional_path(model):
 
 
 def test_candidates_keep_the_image_the_model_captions_likeliest(model):
-    """Each candidate is scored on its picture encoded again (what it shows), not on the tokens drawn."""
+    """Each candidate is scored on two readings: the tokens drawn and its picture encoded again."""
     g3 = gen(candidates=3)
     read, score = [], model.caption_log_likelihood
     model.caption_log_likelihood = lambda tokens, captions: read.append(tokens) or score(tokens, captions)
@@ -102,9 +102,11 @@ def test_candidates_keep_the_image_the_model_captions_likeliest(model):
         with model.autocast(g3):
             t = generate_images(m, prefix, uncond, g3, row_generators(2, 0, 2, candidate=k)).float()
         pictures.append(model.image_tok.decode(t))
-        scores.append(model.caption_log_likelihood(model.image_tok.encode(pictures[-1]), PROMPTS))
-        # what was scored is the picture encoded again, which is not the tokens drawn (rounded to 8 bits)
-        assert torch.equal(read[k], model.image_tok.encode(pictures[-1])) and not torch.allclose(read[k], t)
+        again = model.image_tok.encode(pictures[-1])
+        scores.append(model.caption_log_likelihood(t, PROMPTS) + model.caption_log_likelihood(again, PROMPTS))
+        # what was scored: the tokens drawn, then the picture encoded again, which differs (rounded to 8 bits)
+        assert torch.equal(read[2 * k], t) and torch.equal(read[2 * k + 1], again)
+        assert not torch.allclose(again, t)
     scores = torch.stack(scores)  # [K, rows]
     assert (scores < 0).all() and len(set(scores.flatten().tolist())) == 6
     best = scores.argmax(0)
