@@ -300,8 +300,16 @@ class GenerationConfig:
     iterations: int = opt(8, "autoregressive iterations (cosine schedule; at most one per image token)", min=1)
     candidates: int = opt(1, "images drawn per prompt, keeping the one the model itself reads back best: the "
                              "likeliest to be captioned with the prompt, read from its tokens and from its "
-                             "picture encoded again (costs `candidates` times the sampling)",
+                             "picture encoded again, less `redraw_weight` per grey level its picture changes "
+                             "when the image tokenizer redraws it (costs `candidates` times the sampling)",
                           min=1)
+    redraw: bool = opt(True, "pass each drawn picture once through the image tokenizer (encode, then decode) and "
+                             "give what it redraws: specks, halos and off-colour blocks that the decoder made of "
+                             "drawn tokens and that the tokenizer cannot represent are redrawn as it would draw "
+                             "them (pca and patch tokenizers give back a picture they decoded as it was, to rounding)")
+    redraw_weight: float = opt(0.05, "best of `candidates`: nats of caption log-likelihood a candidate loses per "
+                                     "grey level (0-255) of the mean absolute change of its picture when the image "
+                                     "tokenizer redraws it (0: the likelihood alone)", min=0.0)
     diffusion_steps: int = opt(10, "diffusion head sampling steps", min=1)
     sampler: str = opt("ddpm", "diffusion sampler", choices=["ddpm", "ddim"])
     precision: str = opt("bf16", "arithmetic of sampling: 'bf16' (autocast: matmuls in bfloat16, what training "

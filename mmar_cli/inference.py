@@ -104,13 +104,13 @@ class InferenceModel:
         """uint8 [len(prompts), H, W, 3]; row i draws from generator (seed, first_row + i).
         `progress(n)` is called after each batch with its number of rows.
 
+        gen.redraw: each picture drawn is passed once through the image tokenizer (`redraw`), and what it
+        redraws is the image (and its tokens those the tokenizer gave it).
         gen.candidates K > 1: row i also draws K - 1 more images, candidate k from generator (seed,
-        first_row + i, k), and keeps the one whose caption the model finds likeliest to be the prompt
-        (`caption_log_likelihood`, summed over two readings of the image: the tokens drawn, and the
-        picture they decode to encoded again as a held-out image would be): the understanding half judges
-        the generating half, on what it meant and on what the user gets.
-        Candidate 0 is the image K = 1 gives. `with_first`: return (kept images, candidate 0 of each row),
-        so one pass yields both what K candidates give and what a single draw gives."""
+        first_row + i, k), and keeps the one `candidate_score` rates highest: the model's own reading of it
+        as the prompt, less what the tokenizer would change in it. Candidate 0 is the image K = 1 gives.
+        `with_first`: return (kept images, candidate 0 of each row), so one pass yields both what K
+        candidates give and what a single draw gives."""
         prefix = self.encode(T2I, prompts)
         if gen.candidates > 1:
             self._check_captions(prompts)
@@ -123,15 +123,15 @@ class InferenceModel:
             for k in range(gen.candidates):
                 gens = row_generators(seed, first_row + start, len(rows), candidate=k)
                 with self.autocast(gen):
-                    tokens = generate_images(self.model, rows, un, gen, gens).float()
-                pictures = self.image_tok.decode(tokens.cpu())
+                    tokens = generate_images(self.model, rows, un, gen, gens).float().cpu()
+                pictures = self.image_tok.decode(tokens)
+                if gen.redraw:
+                    tokens, pictures = self.redraw(pictures)
                 if gen.candidates == 1:
                     best = pictures
                     break
-                # two readings of one image: the tokens drawn, and the picture they decode to encoded again
-                captions = prompts[start:start + batch_size]
-                score = (self.caption_log_likelihood(tokens, captions)
-                         + self.caption_log_likelihood(self.image_tok.encode(pictures), captions))
+                score = self.candidate_score(tokens, pictures, prompts[start:start + batch_size],
+                                             gen.redraw_weight)
                 if best is None:
                     best, best_score = pictures, score
                     if with_first:
@@ -147,6 +147,25 @@ class InferenceModel:
         if not with_first:
             return kept
         return kept, (np.concatenate(firsts) if firsts else kept)
+
+    def redraw(self, pictures: np.ndarray) -> Tuple[torch.Tensor, np.ndarray]:
+        """(tokens, pictures): `pictures` (uint8 [B, H, W, 3]) encoded by the image tokenizer, and those
+        tokens decoded: the pictures as the tokenizer draws them."""
+        tokens = self.image_tok.encode(pictures)
+        return tokens, self.image_tok.decode(tokens)
+
+    def candidate_score(self, tokens: torch.Tensor, pictures: np.ndarray, captions: Sequence[str],
+                        redraw_weight: float) -> torch.Tensor:
+        """[B] how well picture i (decoded from tokens[i]) shows captions[i], as the best of gen.candidates
+        ranks it: the caption's log-likelihood read from the tokens, plus read from the picture encoded
+        again (what the user gets, as a held-out image would be read), less `redraw_weight` times the mean
+        absolute change of the picture's pixels (grey levels) when the tokenizer redraws it: the
+        understanding half judges what the generating half meant and what it drew, and the tokenizer
+        judges whether it is a picture it could have drawn."""
+        again, redrawn = self.redraw(pictures)
+        change = np.abs(redrawn.astype(np.float32) - pictures.astype(np.float32)).reshape(len(pictures), -1)
+        score = self.caption_log_likelihood(tokens, captions) + self.caption_log_likelihood(again, captions)
+        return score - redraw_weight * torch.from_numpy(change.mean(1)).to(score.device)
 
     def _check_captions(self, captions: Sequence[str]) -> None:
         for text in captions:

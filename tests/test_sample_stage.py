@@ -86,37 +86,63 @@ def test_cfg_scale_one_is_the_conditional_path(model):
     assert not torch.allclose(strong, plain)
 
 
-def test_candidates_keep_the_image_the_model_captions_likeliest(model):
-    """Each candidate is scored on two readings: the tokens drawn and its picture encoded again."""
-    g3 = gen(candidates=3)
+@pytest.fixture(scope="module")
+def ae_model(tmp_path_factory):
+    """A checkpoint on `ae` tokens (a briefly trained autoencoder, whose round trip changes a picture)."""
+    root = tmp_path_factory.mktemp("sample-ae")
+    ae = ["image_tokenizer.kind=ae", "image_tokenizer.ae_channels=8", "image_tokenizer.ae_width=8",
+          "image_tokenizer.ae_steps=40", "image_tokenizer.ae_decoder_steps=0", "image_tokenizer.ae_precision=32"]
+    data = make_data(root / "data", num_test=4, overrides=ae)
+    return load_checkpoint(str(make_checkpoint(data, root / "run")), device="cpu")
+
+
+def test_redraw_gives_the_picture_the_tokenizer_draws(ae_model):
+    model, m = ae_model, ae_model.model
+    prefix, uncond = model.encode(T2I, PROMPTS), model.encode(UNCOND, [""]).expand(2, -1)
+    with model.autocast(gen()):
+        t = generate_images(m, prefix, uncond, gen(), row_generators(5, 0, 2)).float()
+    drawn = model.image_tok.decode(t)
+    tokens, redrawn = model.redraw(drawn)
+    assert torch.equal(tokens, model.image_tok.encode(drawn)) and np.array_equal(redrawn, model.image_tok.decode(tokens))
+    assert np.abs(redrawn.astype(int) - drawn.astype(int)).mean() > 1  # this tokenizer's round trip is not exact
+    assert np.array_equal(model.text_to_image(PROMPTS, gen(redraw=False), seed=5, batch_size=2), drawn)
+    assert np.array_equal(model.text_to_image(PROMPTS, gen(), seed=5, batch_size=2), redrawn)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 1e4])
+def test_candidates_keep_the_image_read_best_and_changed_least(ae_model, weight):
+    """Each candidate is drawn, redrawn by the tokenizer, and scored on the tokens of what was redrawn, on
+    that picture encoded again, and on how much a further redraw changes it."""
+    model, m, prompts = ae_model, ae_model.model, PROMPTS * 2
+    g4 = gen(candidates=4, redraw_weight=weight)
     read, score = [], model.caption_log_likelihood
     model.caption_log_likelihood = lambda tokens, captions: read.append(tokens) or score(tokens, captions)
     try:
-        kept = model.text_to_image(PROMPTS, g3, seed=2, batch_size=2)
+        kept = model.text_to_image(prompts, g4, seed=2, batch_size=4)
     finally:
         del model.caption_log_likelihood
-    m = model.model
-    prefix, uncond = model.encode(T2I, PROMPTS), model.encode(UNCOND, [""]).expand(2, -1)
-    pictures, scores = [], []
-    for k in range(3):  # each candidate drawn alone, from its own generators
-        with model.autocast(g3):
-            t = generate_images(m, prefix, uncond, g3, row_generators(2, 0, 2, candidate=k)).float()
-        pictures.append(model.image_tok.decode(t))
+    prefix, uncond = model.encode(T2I, prompts), model.encode(UNCOND, [""]).expand(4, -1)
+    pictures, likelihoods, changes = [], [], []
+    for k in range(4):  # each candidate drawn alone, from its own generators
+        with model.autocast(g4):
+            t = generate_images(m, prefix, uncond, g4, row_generators(2, 0, 4, candidate=k)).float()
+        tokens = model.image_tok.encode(model.image_tok.decode(t))
+        pictures.append(model.image_tok.decode(tokens))
         again = model.image_tok.encode(pictures[-1])
-        scores.append(model.caption_log_likelihood(t, PROMPTS) + model.caption_log_likelihood(again, PROMPTS))
-        # what was scored: the tokens drawn, then the picture encoded again, which differs (rounded to 8 bits)
-        assert torch.equal(read[2 * k], t) and torch.equal(read[2 * k + 1], again)
-        assert not torch.allclose(again, t)
-    scores = torch.stack(scores)  # [K, rows]
-    assert (scores < 0).all() and len(set(scores.flatten().tolist())) == 6
-    best = scores.argmax(0)
-    expected = np.stack([pictures[int(k)][i] for i, k in enumerate(best)])
-    assert np.array_equal(kept, expected)
+        likelihoods.append(model.caption_log_likelihood(tokens, prompts) + model.caption_log_likelihood(again, prompts))
+        once_more = model.image_tok.decode(again).astype(np.float64)
+        changes.append(torch.from_numpy(np.abs(once_more - pictures[-1]).mean((1, 2, 3))).float())
+        assert torch.equal(read[2 * k], tokens) and torch.equal(read[2 * k + 1], again)
+    likelihoods, changes = torch.stack(likelihoods), torch.stack(changes)  # [K, rows]
+    assert (likelihoods < 0).all() and (changes > 0).all() and len(set(changes.flatten().tolist())) == 16
+    best = (likelihoods - weight * changes).argmax(0)
+    assert np.array_equal(kept, np.stack([pictures[int(k)][i] for i, k in enumerate(best)]))
+    if weight == 1e4:  # the weight decides: the least changed, which is not the likeliest everywhere
+        assert torch.equal(best, changes.argmin(0)) and not torch.equal(best, likelihoods.argmax(0))
     # candidate 0 is the image one candidate gives, and with_first returns it beside the kept one
-    first = pictures[0]
-    assert np.array_equal(first, model.text_to_image(PROMPTS, gen(), seed=2, batch_size=2))
-    kept_again, firsts = model.text_to_image(PROMPTS, g3, seed=2, batch_size=1, with_first=True)
-    assert np.array_equal(kept_again, kept) and np.array_equal(firsts, first)
+    assert np.array_equal(pictures[0], model.text_to_image(prompts, gen(), seed=2, batch_size=4))
+    kept_again, firsts = model.text_to_image(prompts, g4, seed=2, batch_size=1, with_first=True)
+    assert np.array_equal(kept_again, kept) and np.array_equal(firsts, pictures[0])
 
 
 def test_caption_log_likelihood_is_minus_the_training_caption_loss(model):
