@@ -164,7 +164,8 @@ def cli(
     steps: Optional[int] = typer.Option(None, "--steps", help="diffusion sampling steps [gen.diffusion_steps]"),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm or ddim [gen.sampler]"),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="images drawn per image kept: the one the "
-                                             "model captions likeliest with the prompt [gen.candidates]"),
+                                             "model captions likeliest with the prompt, less what a redraw by the "
+                                             "image tokenizer changes [gen.candidates, gen.redraw_weight]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed [seed]"),
     ema: Optional[bool] = typer.Option(None, "--ema/--raw", help="EMA or raw weights [ema]"),
 ):

@@ -103,7 +103,8 @@ def test_redraw_gives_the_picture_the_tokenizer_draws(ae_model):
         t = generate_images(m, prefix, uncond, gen(), row_generators(5, 0, 2)).float()
     drawn = model.image_tok.decode(t)
     tokens, redrawn = model.redraw(drawn)
-    assert torch.equal(tokens, model.image_tok.encode(drawn)) and np.array_equal(redrawn, model.image_tok.decode(tokens))
+    assert torch.equal(tokens, model.image_tok.encode(drawn))
+    assert np.array_equal(redrawn, model.image_tok.decode(tokens))
     assert np.abs(redrawn.astype(int) - drawn.astype(int)).mean() > 1  # this tokenizer's round trip is not exact
     assert np.array_equal(model.text_to_image(PROMPTS, gen(redraw=False), seed=5, batch_size=2), drawn)
     assert np.array_equal(model.text_to_image(PROMPTS, gen(), seed=5, batch_size=2), redrawn)
