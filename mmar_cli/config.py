@@ -293,6 +293,10 @@ class GenerationConfig:
                                   "first iteration", min=0.0)
     temperature_end: Optional[float] = opt(0.2, "temperature at the last iteration, reached linearly (None: "
                                                 "`temperature` throughout, as MAR)", min=0.0)
+    neighbour_cooling: float = opt(1.0, "each token's temperature is its iteration's times (1 - neighbour_cooling x "
+                                        "the share of its grid neighbours already drawn), at least 0: a token "
+                                        "drawn between known ones keeps to what they show (0: off, one "
+                                        "temperature per iteration)", min=0.0)
     noise_share: float = opt(0.0, "share of each diffusion draw's noise that all tokens of one image have in "
                                   "common (0: every token its own noise, as MAR; 1: one noise path per image): "
                                   "tokens whose conditions agree, such as a flat background's, then come out alike",

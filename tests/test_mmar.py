@@ -7,7 +7,8 @@ import torch
 
 from mmar_cli.config import DiffusionHeadConfig, GenerationConfig, ModelConfig
 from mmar_cli.data.sequence import CAPTION, IGNORE, QA, T2I, UNCOND, build_batch, encode_prefix
-from mmar_cli.model.generate import cfg_scale, cosine_known, generate_images, generate_text, iteration_temperature
+from mmar_cli.model.generate import (cfg_scale, cosine_known, generate_images, generate_text, iteration_temperature,
+                                     token_temperatures)
 from mmar_cli.model.mmar import MMAR
 from mmar_cli.model.presets import resolve
 
@@ -338,7 +339,7 @@ def test_more_iterations_than_tokens_draws_one_token_per_iteration(model):
 
 
 def test_the_temperature_falls_linearly_from_first_to_last_iteration(model, monkeypatch):
-    gen = gen_config(iterations=4, temperature=0.8, temperature_end=0.2)
+    gen = gen_config(iterations=4, temperature=0.8, temperature_end=0.2, neighbour_cooling=0.0)
     assert [round(iteration_temperature(gen, s, 4), 6) for s in range(4)] == [0.8, 0.6, 0.4, 0.2]
     assert iteration_temperature(gen_config(temperature=0.7, temperature_end=None), 2, 3) == 0.7
     assert iteration_temperature(gen, 0, 1) == 0.8  # one iteration: the first temperature
@@ -348,11 +349,46 @@ def test_the_temperature_falls_linearly_from_first_to_last_iteration(model, monk
     cond, _ = t2i_prompts(model)
     falling = generate_images(model, cond, None, gen, seeded(1, 2))
     assert [round(t, 6) for t in seen] == [0.8, 0.6, 0.4, 0.2]
-    flat = generate_images(model, cond, None, gen_config(iterations=4, temperature=0.8, temperature_end=0.8),
-                           seeded(1, 2))
-    constant = generate_images(model, cond, None, gen_config(iterations=4, temperature=0.8, temperature_end=None),
-                               seeded(1, 2))
+    flat = generate_images(model, cond, None, gen_config(iterations=4, temperature=0.8, temperature_end=0.8,
+                                                        neighbour_cooling=0.0), seeded(1, 2))
+    constant = generate_images(model, cond, None, gen_config(iterations=4, temperature=0.8, temperature_end=None,
+                                                            neighbour_cooling=0.0), seeded(1, 2))
     assert torch.equal(flat, constant) and not torch.allclose(falling, constant)
+
+
+def test_a_token_between_known_neighbours_is_drawn_cooler():
+    """gen.neighbour_cooling: the iteration's temperature times (1 - cooling x the share of the token's grid
+    neighbours already drawn)."""
+    known = torch.zeros(2, 16, dtype=torch.bool)
+    known[0, [1, 4, 5]] = True          # row 0: every neighbour of corner token 0 is known
+    known[1] = True
+    known[1, [0, 5, 15]] = False        # row 1: token 5 has 7 of 8 neighbours known, corner 15 all 3
+    idx = torch.tensor([[0, 10], [5, 15]])
+    t = token_temperatures(0.8, known, idx, (4, 4), 1.0)
+    assert t.shape == (2, 2, 1)
+    # row 0: token 0 (3 neighbours, all known) -> 0; token 10 (8 neighbours, token 5 known) -> 0.8 * 7/8
+    # row 1: token 5 (8 neighbours, 0 unknown among them) -> 0.8 * (1 - 7/8); token 15 (3, all known) -> 0
+    assert torch.allclose(t[..., 0], torch.tensor([[0.0, 0.7], [0.1, 0.0]]))
+    assert torch.allclose(token_temperatures(0.8, known, idx, (4, 4), 0.5)[0, 1, 0], torch.tensor(0.75))
+    assert token_temperatures(0.8, known, idx, (4, 4), 2.0).min() == 0.0  # never below 0
+
+
+def test_neighbour_cooling_draws_a_token_between_known_ones_at_temperature_0(model, monkeypatch):
+    """With cooling 1 the last token of a 2-iteration draw, whose neighbours are all known, gets temperature 0,
+    and the first iteration's first token (no neighbour known) the iteration's own."""
+    seen = []
+    sample = model.diffusion.sample
+    monkeypatch.setattr(model.diffusion, "sample", lambda *a: seen.append(a[4]) or sample(*a))
+    cond, _ = t2i_prompts(model)
+    n = model.layout.num_image_tokens
+    gen = gen_config(iterations=n, temperature=0.8, temperature_end=0.8)
+    cooled = generate_images(model, cond, None, gen, seeded(1, 2))
+    assert GenerationConfig().neighbour_cooling == 1.0
+    assert torch.allclose(seen[0], torch.full_like(seen[0], 0.8))  # nothing known yet
+    assert torch.allclose(seen[-1], torch.zeros_like(seen[-1]))    # every neighbour known
+    plain = generate_images(model, cond, None, gen_config(iterations=n, temperature=0.8, temperature_end=0.8,
+                                                         neighbour_cooling=0.0), seeded(1, 2))
+    assert not torch.allclose(cooled, plain)
 
 
 def test_cfg_schedules_over_the_iterations():

@@ -9,7 +9,7 @@ bounded. That is MMAR's numerical-stability argument (benchmarks/eps_vs_v_bf16.p
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -91,13 +91,14 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, denoise: Callable, noise: Callable, steps: int, sampler: str = "ddim",
-               temperature: float = 1.0, bound: Optional[float] = None) -> torch.Tensor:
+               temperature: Union[float, torch.Tensor] = 1.0, bound: Optional[float] = None) -> torch.Tensor:
         """Draw x0 from x_T. denoise(x_t, t: int) -> the head's prediction at x_t; noise() -> a fresh
         standard normal tensor of the output's shape (the caller decides how noise is drawn per row).
 
         Both samplers are the same update x_p = a_p·x0 + sqrt(1 - a_p² - σ²)·eps + σ·z: DDIM has σ = 0,
         DDPM's ancestral step has σ² = the posterior variance. `temperature` scales the fresh noise: the
-        ancestral noise for DDPM (as MAR does) and the starting noise for DDIM, which has no other.
+        ancestral noise for DDPM (as MAR does) and the starting noise for DDIM, which has no other: one value,
+        or a tensor broadcast against the output (a temperature per token, as [B, m, 1]).
         `bound`: clip each x0 estimate to [-bound, bound] (DDPM's "clip denoised") when the data is
         known to lie there; an undertrained head's early estimates otherwise overshoot.
         """

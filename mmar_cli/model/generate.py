@@ -43,6 +43,20 @@ def iteration_temperature(gen, step: int, iterations: int) -> float:
     return gen.temperature + (gen.temperature_end - gen.temperature) * step / (iterations - 1)
 
 
+def token_temperatures(base: float, known: torch.Tensor, idx: torch.Tensor, grid, cooling: float) -> torch.Tensor:
+    """[B, m, 1] the temperatures of the tokens `idx` [B, m] drawn now: the iteration's `base` times (1 -
+    `cooling` x the share of each token's neighbours on the grid (h, w; up to 8) that `known` [B, N] marks
+    as drawn), at least 0. A token drawn between known neighbours has less left to choose; the first
+    draws of a region keep the iteration's spread."""
+    h, w = grid
+    ones = torch.ones(1, 1, 3, 3, device=known.device)
+    k = known.float().view(-1, 1, h, w)
+    around = torch.nn.functional.conv2d(k, ones, padding=1).view(-1, h * w) - known.float()
+    total = torch.nn.functional.conv2d(torch.ones(1, 1, h, w, device=known.device), ones, padding=1).view(1, -1) - 1
+    share = (around / total).gather(1, idx)
+    return (base * (1.0 - cooling * share)).clamp(min=0.0)[..., None]
+
+
 def cfg_scale(gen, step: int, iterations: int) -> float:
     """The guidance scale of iteration `step` by gen.cfg_schedule: 'falling' from gen.cfg at the first
     iteration to 1 (none) at the last, 'linear' rising from 1 towards gen.cfg at the last (MAR's), or
@@ -124,8 +138,10 @@ def generate_images(model, prefix_ids: torch.Tensor, uncond_ids: Optional[torch.
                 return own
             return math.sqrt(share) * shared[:, next(draws), None] + math.sqrt(1.0 - share) * own
 
-        values = model.diffusion.sample(denoise, noise, gen.diffusion_steps,
-                                        gen.sampler, iteration_temperature(gen, step, iterations),
+        temperature = iteration_temperature(gen, step, iterations)
+        if gen.neighbour_cooling > 0:
+            temperature = token_temperatures(temperature, known, idx, model.cfg.image_grid, gen.neighbour_cooling)
+        values = model.diffusion.sample(denoise, noise, gen.diffusion_steps, gen.sampler, temperature,
                                         model.cfg.token_bound)
         tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, D), values.to(tokens.dtype))
         known = known.scatter(1, idx, True)
