@@ -367,15 +367,15 @@ def test_a_token_between_known_neighbours_is_drawn_cooler():
     t = token_temperatures(0.8, known, idx, (4, 4), 1.0)
     assert t.shape == (2, 2, 1)
     # row 0: token 0 (3 neighbours, all known) -> 0; token 10 (8 neighbours, token 5 known) -> 0.8 * 7/8
-    # row 1: token 5 (8 neighbours, 0 unknown among them) -> 0.8 * (1 - 7/8); token 15 (3, all known) -> 0
+    # row 1: token 5 (8 neighbours, all but token 0 known) -> 0.8 * (1 - 7/8); token 15 (3, all known) -> 0
     assert torch.allclose(t[..., 0], torch.tensor([[0.0, 0.7], [0.1, 0.0]]))
     assert torch.allclose(token_temperatures(0.8, known, idx, (4, 4), 0.5)[0, 1, 0], torch.tensor(0.75))
     assert token_temperatures(0.8, known, idx, (4, 4), 2.0).min() == 0.0  # never below 0
 
 
 def test_neighbour_cooling_draws_a_token_between_known_ones_at_temperature_0(model, monkeypatch):
-    """With cooling 1 the last token of a 2-iteration draw, whose neighbours are all known, gets temperature 0,
-    and the first iteration's first token (no neighbour known) the iteration's own."""
+    """With cooling 1 and one token per iteration, the last token drawn (every neighbour known) gets temperature
+    0 and the first (none known) the iteration's own; the images differ from those of one temperature."""
     seen = []
     sample = model.diffusion.sample
     monkeypatch.setattr(model.diffusion, "sample", lambda *a: seen.append(a[4]) or sample(*a))

@@ -14,8 +14,8 @@ from mmar_cli.pictures import image_grid, save_png
 
 REPORT_ROWS = 16  # samples shown in report.md's tables
 # the generation settings named in the report's header (and recorded with every generated-image metric)
-IMAGE_SETTINGS = ("cfg", "cfg_schedule", "temperature", "temperature_end", "neighbour_cooling", "noise_share", "iterations",
-                  "diffusion_steps", "sampler", "candidates", "redraw", "redraw_weight")
+IMAGE_SETTINGS = ("cfg", "cfg_schedule", "temperature", "temperature_end", "neighbour_cooling", "noise_share",
+                  "iterations", "diffusion_steps", "sampler", "candidates", "redraw", "redraw_weight")
 
 
 def write(out: Path, result: dict, rows: dict, truth: np.ndarray, generated: np.ndarray) -> None:

@@ -53,7 +53,7 @@ def token_temperatures(base: float, known: torch.Tensor, idx: torch.Tensor, grid
     k = known.float().view(-1, 1, h, w)
     around = torch.nn.functional.conv2d(k, ones, padding=1).view(-1, h * w) - known.float()
     total = torch.nn.functional.conv2d(torch.ones(1, 1, h, w, device=known.device), ones, padding=1).view(1, -1) - 1
-    share = (around / total).gather(1, idx)
+    share = (around / total.clamp(min=1)).gather(1, idx)  # a one-token grid has no neighbours: share 0
     return (base * (1.0 - cooling * share)).clamp(min=0.0)[..., None]
 
 
