@@ -21,7 +21,8 @@ def test_a_bf16_step_on_the_gpu_learns_a_fixed_batch():
     from mmar_cli.tokenizers.text import byte_tokenizer
 
     tok = byte_tokenizer()
-    cfg = bench_train.model_config("tiny", tok.vocab_size, token_dim=12)
+    # byte-level captions and questions run to ~40 tokens: a frame of 64 + 64 text positions holds them
+    cfg = bench_train.model_config("tiny", tok.vocab_size, token_dim=12, max_prefix_len=64, max_suffix_len=64)
     step = bench_train.TrainStep(cfg, "bf16-mixed", device="cuda")
     for group in step.optim.param_groups:
         group["lr"] = 1e-3
