@@ -101,7 +101,17 @@ def test_the_demo_presets_change_only_the_frame_the_width_and_the_length():
     default, demo = load_config(TrainConfig), load_config(TrainConfig, ROOT / "configs" / "pretrain" / "demo.yaml")
     assert changed_keys(default, demo) == {"model.max_prefix_len", "model.max_suffix_len", "trainer.num_workers",
                                            "model.width", "model.mlp_hidden", "optim.lr", "trainer.max_steps"}
-    assert (demo.model.width, demo.model.mlp_hidden, demo.optim.lr, demo.trainer.max_steps) == (192, 512, 1.4e-3, 3400)
+    assert (demo.model.width, demo.model.mlp_hidden, demo.optim.lr) == (192, 512, 1.4e-3)
+    assert demo.trainer.max_steps == 3400
+
+
+def test_the_demo_samples_as_it_is_evaluated():
+    """`make demo`'s pictures (configs/sample/demo.yaml) are drawn as its figures were (configs/evaluate/demo.yaml),
+    at the settings measured on its models, not the defaults."""
+    sample = load_config(SampleConfig, ROOT / "configs" / "sample" / "demo.yaml").gen
+    evaluate = load_config(STAGES["evaluate"], ROOT / "configs" / "evaluate" / "demo.yaml").gen
+    assert OmegaConf.to_container(sample) == OmegaConf.to_container(evaluate)
+    assert (sample.candidates, sample.temperature_end, sample.noise_share) == (4, 0.1, 0.15)
 
 
 def test_a_preset_starts_from_its_base_and_overrides_it(tmp_path):
