@@ -197,32 +197,41 @@ def varied_batches_speed(cfg, tok, batch_size: int, precision: str, steps: int, 
     return {"batch": batch_size, "step_s": seconds, "samples_s": batch_size / seconds}
 
 
+DEMO_PRESET = "configs/pretrain/demo.yaml"
+
+
 def step_choices_main(argv=None) -> None:
-    """`python benchmarks/bench_train.py SHARDS [--split-tasks] [--foreach]`: varied_batches_speed of the demo's
-    model (the demo preset, its 12-token prefix and suffix), bf16-mixed, on the tokenizers of the shard directory
-    SHARDS, printed as JSON with the choices it ran: oneDNN's kernel cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY, read
-    once per process), one pass per task or all rows in one (model.split_tasks), fused or foreach AdamW.
-    `make bench` runs it once per choice, against mmar's defaults."""
+    """`python benchmarks/bench_train.py SHARDS [--batch N] [--split-tasks] [--foreach]`: varied_batches_speed of
+    the model `make demo` pretrains (DEMO_PRESET: its width, frame and batch), bf16-mixed, on the tokenizers of
+    the shard directory SHARDS, printed as JSON with the choices it ran: oneDNN's kernel cache
+    (ONEDNN_PRIMITIVE_CACHE_CAPACITY, read once per process), one pass per task or all rows in one
+    (model.split_tasks), fused or foreach AdamW, the batch. `make bench` runs it once per choice, against the
+    demo's own settings."""
     import argparse
     import json
     import os
+    from pathlib import Path
 
+    from mmar_cli.config import load_config
     from mmar_cli.data.shards import load_tokenizers
 
     p = argparse.ArgumentParser(description=step_choices_main.__doc__)
     p.add_argument("shards", help="token shard directory (its text and image tokenizers)")
     p.add_argument("--steps", type=int, default=40, help="timed steps")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps before them")
-    p.add_argument("--batch", type=int, default=64, help="rows per batch")
+    p.add_argument("--batch", type=int, default=None, help="rows per batch (default: the demo's trainer.batch_size)")
     p.add_argument("--split-tasks", action="store_true", help="model.split_tasks=true: a pass per task")
     p.add_argument("--foreach", action="store_true", help="foreach AdamW instead of the fused one")
     args = p.parse_args(argv)
+    demo = load_config(TrainConfig, Path(__file__).resolve().parent.parent / DEMO_PRESET)
     tok, image_tok = load_tokenizers(args.shards)
-    cfg = model_config("demo", tok.vocab_size, image_tok.token_dim, max_prefix_len=12, max_suffix_len=12,
-                       split_tasks=args.split_tasks)
-    r = varied_batches_speed(cfg, tok, args.batch, "bf16-mixed", args.steps, args.warmup, fused=not args.foreach)
+    cfg = model_config(demo.model.preset, tok.vocab_size, image_tok.token_dim, width=demo.model.width,
+                       mlp_hidden=demo.model.mlp_hidden, max_prefix_len=demo.model.max_prefix_len,
+                       max_suffix_len=demo.model.max_suffix_len, split_tasks=args.split_tasks)
+    batch = args.batch or demo.trainer.batch_size
+    r = varied_batches_speed(cfg, tok, batch, "bf16-mixed", args.steps, args.warmup, fused=not args.foreach)
     print(json.dumps({**r, "capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
-                      "split_tasks": args.split_tasks, "fused": not args.foreach}))
+                      "split_tasks": args.split_tasks, "fused": not args.foreach, "width": cfg.width}))
 
 
 # --------------------------------------------------------------------------------------------------

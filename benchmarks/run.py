@@ -64,7 +64,7 @@ class Sizes:
     data_steps: int = 90  # about 3 epochs of num_train samples: the first from disk, the rest from the cache
     fallback_steps: int = 300  # optimizer steps of the checkpoint trained when there is none
     fallback_model: Optional[dict] = None  # None: the tiny preset
-    choices: tuple = (64, 200, 40)  # training-step choices A/B, the demo's model: (batch, untimed, timed steps)
+    choices: tuple = (None, 200, 40)  # training-step choices A/B: (batch, None: the demo's; untimed, timed steps)
     choice_repeats: int = 2  # runs of each choice, alternating
     autoencoder: tuple = (2000, 200, 2)  # the ae tokenizer's training, fp32 vs bf16: (images, steps per phase, runs)
     prompts: int = 128  # prompts for default vs reference sampling and for captions (one standard error ~4 points at 60 %)
@@ -131,29 +131,32 @@ def measure_scaling(tok, token_dim: int, sizes: Sizes) -> dict:
     return {"batch": batch, "frame": frame}
 
 
-# (what differs from mmar's defaults, the environment it runs with, bench_train.py's flags); the first is the defaults
+# (what differs from the demo's settings, the environment it runs with, bench_train.py's flags); the first is
+# the demo's own: its pretraining preset's model and batch, with mmar's defaults for the rest
 STEP_CHOICES = [
-    ("mmar's defaults", {}, []),
+    ("the demo's settings", {}, []),
     ("oneDNN's kernel cache at its own default, 1024 kernels", {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}, []),
     ("a pass per task (`model.split_tasks=true`)", {}, ["--split-tasks"]),
     ("foreach AdamW instead of fused", {}, ["--foreach"]),
+    ("batch 64 (`trainer.batch_size`'s default)", {}, ["--batch", "64"]),
 ]
 
 
 def measure_step_choices(shard_dir: Path, sizes: Sizes, threads: int) -> List[dict]:
-    """The demo's model on batches that change every step, with mmar's defaults and with each of them undone
+    """The demo's model on batches that change every step, with the demo's settings and with each of them undone
     (STEP_CHOICES): a process each, as oneDNN reads its kernel-cache setting once; the runs alternate
     `sizes.choice_repeats` times and each choice keeps its fastest (this machine's speed drifts)."""
     import json
     import subprocess
 
     batch, warmup, steps = sizes.choices
+    sized = ["--warmup", str(warmup), "--steps", str(steps)] + ([] if batch is None else ["--batch", str(batch)])
     runs: List[List[dict]] = [[] for _ in STEP_CHOICES]
     for _ in range(sizes.choice_repeats):
         for (name, env, flags), results in zip(STEP_CHOICES, runs):
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), **env}
             out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), str(shard_dir),
-                                  "--batch", str(batch), "--warmup", str(warmup), "--steps", str(steps), *flags],
+                                  *sized, *flags],
                                  env=env, check=True, capture_output=True, text=True).stdout
             results.append({"choice": name, **json.loads(out.strip().splitlines()[-1])})
             log(f"training step, {name}: {results[-1]['samples_s']:.1f} samples/s")
@@ -342,18 +345,19 @@ def training_section(info: dict, training: dict) -> List[str]:
 
 
 def choices_section(info: dict, choices: List[dict]) -> List[str]:
-    batch, warmup, steps = info["sizes"].choices
+    _, warmup, steps = info["sizes"].choices
     ours = choices[0]
     out = ["", "## Training step choices", "",
-           "The demo's model (demo preset, 12-token prefix and suffix), bf16-mixed, batch "
-           f"{batch}, a new batch of the task mix each step (the rows of each task, the columns they read and the "
-           "masked count change every step, and with them the matmul shapes oneDNN compiles a kernel for); mean of "
-           f"{steps} steps after {warmup}, one process per run (`ONEDNN_PRIMITIVE_CACHE_CAPACITY` is read once), "
-           f"mmar's defaults and each of them undone alternating {info['sizes'].choice_repeats} times; the fastest "
-           "run of each.", ""]
-    out += table(["run", "kernels kept", "step (s)", "samples/s", "mmar's defaults vs this"],
-                 [[r["choice"], r["capacity"], f"{r['step_s']:.3f}", f"{r['samples_s']:.1f}",
-                   "" if r is ours else f"**{r['step_s'] / ours['step_s']:.2f}×**"] for r in choices])
+           f"The model `make demo` pretrains ({bench_train.DEMO_PRESET}: {ours['width']} wide, 12-token prefix and "
+           f"suffix), bf16-mixed, batch {ours['batch']}, a new batch of the task mix each step (the rows of each "
+           "task, the columns they read and the masked count change every step, and with them the matmul shapes "
+           f"oneDNN compiles a kernel for); mean of {steps} steps after {warmup}, one process per run "
+           "(`ONEDNN_PRIMITIVE_CACHE_CAPACITY` is read once), the demo's settings and each of them undone "
+           f"alternating {info['sizes'].choice_repeats} times; the fastest run of each. The last column is the "
+           "ratio of samples/s.", ""]
+    out += table(["run", "kernels kept", "batch", "step (s)", "samples/s", "the demo's settings vs this"],
+                 [[r["choice"], r["capacity"], r["batch"], f"{r['step_s']:.3f}", f"{r['samples_s']:.1f}",
+                   "" if r is ours else f"**{ours['samples_s'] / r['samples_s']:.2f}×**"] for r in choices])
     return out
 
 

@@ -16,6 +16,7 @@ import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
 import run as bench_run  # noqa: E402
 
+from mmar_cli.config import TrainConfig, load_config  # noqa: E402
 from mmar_cli.data.sequence import CAPTION, IGNORE, T2I, Layout, build_batch  # noqa: E402
 from mmar_cli.model.mmar import MMAR  # noqa: E402
 from mmar_cli.tokenizers.text import byte_tokenizer  # noqa: E402
@@ -110,12 +111,14 @@ def test_quick_run_writes_every_section(tmp_path):
     assert [r["workers"] for r in res["data"]] == [0, 1] and all(0 <= r["wait_frac"] < 1 for r in res["data"])
     assert all(0 < r[k] < 1 for r in res["data"] for k in ("wait_frac_first_epoch", "wait_frac_later"))
     assert res["sha256_gbs"] > 0
-    # mmar's defaults, then each undone, each run by its own process (oneDNN reads its cache size once)
+    # the demo's settings, then each undone, each run by its own process (oneDNN reads its cache size once)
     ours = os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
-    assert [(r["capacity"], r["split_tasks"], r["fused"]) for r in res["choices"]] == [
-        (ours, False, True), ("1024", False, True), (ours, True, True), (ours, False, False)]
-    assert all(r["batch"] == 4 and r["samples_s"] > 0 for r in res["choices"])
-    assert text.count("×**") >= 3  # each choice's ratio to the defaults
+    assert [(r["capacity"], r["split_tasks"], r["fused"], r["batch"]) for r in res["choices"]] == [
+        (ours, False, True, 4), ("1024", False, True, 4), (ours, True, True, 4), (ours, False, False, 4),
+        (ours, False, True, 64)]
+    demo = load_config(TrainConfig, ROOT / "configs/pretrain/demo.yaml")
+    assert all(r["width"] == demo.model.width and r["samples_s"] > 0 for r in res["choices"])
+    assert text.count("×**") >= 4  # each choice's ratio to the demo's settings
     assert [(r["precision"], r["phase"]) for r in res["autoencoder"]] == [
         ("32", "whole autoencoder"), ("32", "decoder alone"), ("bf16", "whole autoencoder"), ("bf16", "decoder alone")]
     assert all(r["images_s"] > 0 and r["step_ms"] > 0 for r in res["autoencoder"])

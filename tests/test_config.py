@@ -94,15 +94,32 @@ def changed_keys(a: DictConfig, b: DictConfig) -> set:
     return {k for k in set_keys(b) if OmegaConf.select(a, k) != OmegaConf.select(b, k)}
 
 
-def test_the_demo_presets_change_only_the_frame_the_width_and_the_length():
-    """`mmar pretrain` with no preset trains the demo's model 256 wide: the demo's presets cut the frame to the
-    built-in captions, train with no loader process, and narrow the model to 192 at a lower learning rate
-    for more steps (what measured best in the demo's time)."""
+def test_the_demo_presets_change_only_the_frame_the_width_the_batch_and_the_length():
+    """`mmar pretrain` with no preset trains the demo's model 256 wide at batch 64: the demo's presets cut the
+    frame to the built-in captions, train with no loader process, narrow the model to 192 and pretrain at batch
+    128 with its warmup and EMA (what measured best in the demo's time)."""
     default, demo = load_config(TrainConfig), load_config(TrainConfig, ROOT / "configs" / "pretrain" / "demo.yaml")
     assert changed_keys(default, demo) == {"model.max_prefix_len", "model.max_suffix_len", "trainer.num_workers",
-                                           "model.width", "model.mlp_hidden", "optim.lr", "trainer.max_steps"}
-    assert (demo.model.width, demo.model.mlp_hidden, demo.optim.lr) == (192, 512, 1.4e-3)
-    assert demo.trainer.max_steps == 3400
+                                           "model.width", "model.mlp_hidden", "optim.warmup_steps", "trainer.batch_size",
+                                           "trainer.ema_decay", "trainer.max_steps"}
+    assert (demo.model.width, demo.model.mlp_hidden, demo.optim.lr) == (192, 512, 2e-3)
+    assert (demo.trainer.batch_size, demo.trainer.max_steps) == (128, 2100)
+    # warmup and EMA span as many samples as the defaults do at batch 64
+    assert demo.optim.warmup_steps * demo.trainer.batch_size == default.optim.warmup_steps * 64
+    assert default.trainer.batch_size == 64
+    assert abs(default.trainer.ema_decay ** 2 - demo.trainer.ema_decay) < 1e-4
+
+
+def test_the_demo_finetunes_at_the_pretrainings_batch_on_as_many_samples_as_the_default():
+    default = load_config(STAGES["finetune"])
+    demo = load_config(STAGES["finetune"], ROOT / "configs" / "finetune" / "demo.yaml")
+    pretrain = load_config(TrainConfig, ROOT / "configs" / "pretrain" / "demo.yaml")
+    assert changed_keys(default, demo) == {"optim.lr", "optim.warmup_steps", "trainer.batch_size",
+                                           "trainer.max_steps", "trainer.ema_decay", "trainer.num_workers"}
+    assert demo.trainer.batch_size == pretrain.trainer.batch_size == 128
+    assert demo.trainer.max_steps * 128 == 1280 * 64  # the samples of the 1280 steps at 64 it replaced
+    assert (demo.optim.lr, demo.optim.warmup_steps * 128) == (1.4e-3, default.optim.warmup_steps * 64)
+    assert demo.trainer.ema_decay == pretrain.trainer.ema_decay == 0.99
 
 
 def test_the_demo_samples_as_it_is_evaluated():
@@ -117,10 +134,12 @@ def test_the_demo_samples_as_it_is_evaluated():
 def test_a_preset_starts_from_its_base_and_overrides_it(tmp_path):
     demo, short = (load_config(TrainConfig, ROOT / "configs" / "pretrain" / f"{name}.yaml") for name in ("demo", "eval"))
     assert changed_keys(demo, short) == {"trainer.max_steps", "trainer.ckpt_every", "model.width",
-                                         "model.mlp_hidden", "optim.lr"}
+                                         "model.mlp_hidden", "optim.warmup_steps", "trainer.batch_size", "trainer.ema_decay"}
     assert (short.model.max_prefix_len, short.trainer.num_workers, short.trainer.max_steps) == (12, 0, 800)
-    default = load_config(TrainConfig)  # make eval keeps the model and rate its thresholds were set on
+    default = load_config(TrainConfig)  # make eval keeps the model, batch and rate its thresholds were set on
     assert (short.model.width, short.model.mlp_hidden, short.optim.lr) == (256, 704, default.optim.lr)
+    assert (short.trainer.batch_size, short.optim.warmup_steps, short.trainer.ema_decay) == (
+        default.trainer.batch_size, default.optim.warmup_steps, default.trainer.ema_decay)
     (tmp_path / "a.yaml").write_text("base: b.yaml\ntrainer:\n  max_steps: 5\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(UserError, match="leads back to itself"):
