@@ -82,6 +82,15 @@ def test_recomputing_the_prompt_gives_the_cached_images(tmp_path):
     assert type(inf.model.backbone).__name__ == "Backbone"  # put back after the comparison
 
 
+def test_the_loop_rate_leaves_out_the_first_two_progress_lines():
+    log = "\n".join(f"step {step}/100  loss 1.0  lr 1e-3  {rate} samples/s  elapsed 0:00:01  eta 0:00:01"
+                    for step, rate in ((25, 100.0), (50, 200.0), (75, 400.0), (100, 100.0)))
+    # the last two intervals: 2 x 25 steps x 64 samples in 25*64/400 + 25*64/100 seconds
+    assert bench_run.loop_samples_per_second("noise\n" + log, 64) == pytest.approx(160.0)
+    short = "step 2/4  500.0 samples/s\nstep 4/4  250.0 samples/s"  # two lines or fewer: all of them
+    assert bench_run.loop_samples_per_second(short, 8) == pytest.approx(4 * 8 / (2 * 8 / 500 + 2 * 8 / 250))
+
+
 @pytest.mark.slow
 def test_quick_run_writes_every_section(tmp_path):
     out = tmp_path / "results.md"
@@ -118,7 +127,9 @@ def test_quick_run_writes_every_section(tmp_path):
         (ours, False, True, 64)]
     demo = load_config(TrainConfig, ROOT / "configs/pretrain/demo.yaml")
     assert all(r["width"] == demo.model.width and r["samples_s"] > 0 for r in res["choices"])
-    assert text.count("×**") >= 4  # each choice's ratio to the demo's settings
+    assert [(r["batch"], r["steps"]) for r in res["loop"]] == [(demo.trainer.batch_size, 4), (64, 8)]
+    assert all(r["samples_s"] > 0 for r in res["loop"]) and "The whole pretraining loop" in text
+    assert text.count("×**") >= 5  # each choice's ratio to the demo's settings, the loop's to batch 64
     assert [(r["precision"], r["phase"]) for r in res["autoencoder"]] == [
         ("32", "whole autoencoder"), ("32", "decoder alone"), ("bf16", "whole autoencoder"), ("bf16", "decoder alone")]
     assert all(r["images_s"] > 0 and r["step_ms"] > 0 for r in res["autoencoder"])
