@@ -143,12 +143,23 @@ STEP_CHOICES = [
 ]
 
 
+def run_child(command: List[str], env: dict):
+    """A measuring child process, run to its end (its stdout and stderr captured); if it fails, an error that
+    shows the end of its output rather than only its exit status."""
+    import subprocess
+
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"{shlex.join(command)} exited with {done.returncode}:\n{tail}")
+    return done
+
+
 def measure_step_choices(shard_dir: Path, sizes: Sizes, threads: int) -> List[dict]:
     """The demo's model on batches that change every step, with the demo's settings and with each of them undone
     (STEP_CHOICES): a process each, as oneDNN reads its kernel-cache setting once; the runs alternate
     `sizes.choice_repeats` times and each choice keeps its fastest (this machine's speed drifts)."""
     import json
-    import subprocess
 
     batch, warmup, steps = sizes.choices
     sized = ["--warmup", str(warmup), "--steps", str(steps)] + ([] if batch is None else ["--batch", str(batch)])
@@ -156,9 +167,8 @@ def measure_step_choices(shard_dir: Path, sizes: Sizes, threads: int) -> List[di
     for _ in range(sizes.choice_repeats):
         for (name, env, flags), results in zip(STEP_CHOICES, runs):
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), **env}
-            out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), str(shard_dir),
-                                  *sized, *flags],
-                                 env=env, check=True, capture_output=True, text=True).stdout
+            out = run_child([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), str(shard_dir),
+                             *sized, *flags], env).stdout
             results.append({"choice": name, **json.loads(out.strip().splitlines()[-1])})
             log(f"training step, {name}: {results[-1]['samples_s']:.1f} samples/s")
     return [min(results, key=lambda r: r["step_s"]) for results in runs]
@@ -172,6 +182,9 @@ def loop_samples_per_second(log_text: str, batch: int) -> float:
     lines = [(int(step), float(rate)) for step, rate in
              re.findall(r"^step (\d+)/\d+ .*?([0-9.]+) samples/s", log_text, re.M)]
     intervals = [(step - prev, rate) for (prev, _), (step, rate) in zip([(0, 0.0)] + lines, lines)]
+    if not intervals:
+        raise RuntimeError("no progress lines ('step N/M ... samples/s') in the pretraining's output: "
+                           f"{log_text[-500:]!r}")
     kept = intervals[2:] if len(intervals) > 2 else intervals
     samples = sum(steps * batch for steps, _ in kept)
     return samples / sum(steps * batch / rate for steps, rate in kept)
@@ -182,8 +195,6 @@ def measure_pretrain_loop(shard_dir: Path, sizes: Sizes, threads: int, tmp: Path
     and the step) on `sizes.loop_samples` samples at the demo's batch and at 64, alternating
     `sizes.choice_repeats` times; each batch keeps its fastest run. What a step at either batch costs outside the
     model is in these figures and not in the synthetic steps of STEP_CHOICES."""
-    import subprocess
-
     from mmar_cli.config import TrainConfig, load_config
 
     preset = ROOT / bench_train.DEMO_PRESET
@@ -191,15 +202,13 @@ def measure_pretrain_loop(shard_dir: Path, sizes: Sizes, threads: int, tmp: Path
     for rep in range(sizes.choice_repeats):
         for batch, results in runs.items():
             steps = max(1, sizes.loop_samples // batch)
-            out = subprocess.run([sys.executable, "-m", "mmar_cli.app", "pretrain", "--config", str(preset),
-                                  f"data={shard_dir}", "val_data=null", f"out={tmp / f'loop-{batch}-{rep}'}",
-                                  f"trainer.batch_size={batch}", f"trainer.max_steps={steps}",
-                                  f"trainer.log_every={max(1, steps // 10)}", f"trainer.ckpt_every={steps}",
-                                  "trainer.accelerator=cpu"],
-                                 env={**os.environ, "OMP_NUM_THREADS": str(threads)}, cwd=ROOT, check=True,
-                                 capture_output=True, text=True)
+            done = run_child([sys.executable, "-m", "mmar_cli.app", "pretrain", "--config", str(preset),
+                              f"data={shard_dir}", "val_data=null", f"out={tmp / f'loop-{batch}-{rep}'}",
+                              f"trainer.batch_size={batch}", f"trainer.max_steps={steps}",
+                              f"trainer.log_every={max(1, steps // 10)}", f"trainer.ckpt_every={steps}",
+                              "trainer.accelerator=cpu"], {**os.environ, "OMP_NUM_THREADS": str(threads)})
             results.append({"batch": batch, "steps": steps,
-                            "samples_s": loop_samples_per_second(out.stdout + out.stderr, batch)})
+                            "samples_s": loop_samples_per_second(done.stdout + done.stderr, batch)})
             log(f"pretraining loop, batch {batch}: {results[-1]['samples_s']:.1f} samples/s")
     return [max(results, key=lambda r: r["samples_s"]) for results in runs.values()]
 
@@ -568,8 +577,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
     # a section of its own: `make bench-scale` keeps another in the same file
     record_section(out, SECTION, report(info, training, choices, loop, ae, scaling, data, sampling, lines))
     log("\n".join(["", *lines, "", f"written: {out}"]))
-    return {"out": out, "training": training, "choices": choices, "loop": loop, "autoencoder": ae, "scaling": scaling, "data": data,
-            "sampling": sampling, "sha256_gbs": sha256_gbs}
+    return {"out": out, "training": training, "choices": choices, "loop": loop, "autoencoder": ae,
+            "scaling": scaling, "data": data, "sampling": sampling, "sha256_gbs": sha256_gbs}
 
 
 if __name__ == "__main__":

@@ -100,8 +100,8 @@ def test_the_demo_presets_change_only_the_frame_the_width_the_batch_and_the_leng
     128 with its warmup and EMA (what measured best in the demo's time)."""
     default, demo = load_config(TrainConfig), load_config(TrainConfig, ROOT / "configs" / "pretrain" / "demo.yaml")
     assert changed_keys(default, demo) == {"model.max_prefix_len", "model.max_suffix_len", "trainer.num_workers",
-                                           "model.width", "model.mlp_hidden", "optim.warmup_steps", "trainer.batch_size",
-                                           "trainer.ema_decay", "trainer.max_steps"}
+                                           "model.width", "model.mlp_hidden", "optim.warmup_steps",
+                                           "trainer.batch_size", "trainer.ema_decay", "trainer.max_steps"}
     assert (demo.model.width, demo.model.mlp_hidden, demo.optim.lr) == (192, 512, 2e-3)
     assert (demo.trainer.batch_size, demo.trainer.max_steps) == (128, 2100)
     # warmup and EMA span as many samples as the defaults do at batch 64
@@ -134,7 +134,8 @@ def test_the_demo_samples_as_it_is_evaluated():
 def test_a_preset_starts_from_its_base_and_overrides_it(tmp_path):
     demo, short = (load_config(TrainConfig, ROOT / "configs" / "pretrain" / f"{name}.yaml") for name in ("demo", "eval"))
     assert changed_keys(demo, short) == {"trainer.max_steps", "trainer.ckpt_every", "model.width",
-                                         "model.mlp_hidden", "optim.warmup_steps", "trainer.batch_size", "trainer.ema_decay"}
+                                         "model.mlp_hidden", "optim.warmup_steps", "trainer.batch_size",
+                                         "trainer.ema_decay"}
     assert (short.model.max_prefix_len, short.trainer.num_workers, short.trainer.max_steps) == (12, 0, 800)
     default = load_config(TrainConfig)  # make eval keeps the model, batch and rate its thresholds were set on
     assert (short.model.width, short.model.mlp_hidden, short.optim.lr) == (256, 704, default.optim.lr)
