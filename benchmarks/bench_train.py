@@ -23,7 +23,7 @@ from mmar_cli.data import shapes
 from mmar_cli.data.datamodule import ShardDataModule, assign_task
 from mmar_cli.data.sequence import IGNORE, build_batch
 from mmar_cli.engine.ema import EMA
-from mmar_cli.engine.module import MODEL_KEYS, adamw
+from mmar_cli.engine.module import MODEL_KEYS, adamw, fused_adamw
 from mmar_cli.model.mmar import MMAR
 from mmar_cli.model.presets import resolve
 
@@ -118,11 +118,13 @@ def synthetic_batch(tok, layout, token_dim: int, batch_size: int, seed: int = 0)
 class TrainStep:
     """One optimizer step of the trainer on a batch: forward, backward, clip, AdamW, EMA."""
 
-    def __init__(self, cfg, precision: str, seed: int = 0, device: str = "cpu", fused: bool = True):
+    def __init__(self, cfg, precision: str, seed: int = 0, device: str = "cpu", fused: Optional[bool] = None):
         torch.manual_seed(seed)
         self.device = torch.device(device)
         self.model = MMAR(cfg).train().to(self.device)
-        self.optim = adamw(self.model, OmegaConf.structured(OptimConfig), fused)  # the trainer's AdamW
+        if fused is None:  # the trainer's AdamW (no gradient scaler: bf16-mixed or fp32)
+            fused = fused_adamw({self.device.type}, None)
+        self.optim = adamw(self.model, OmegaConf.structured(OptimConfig), fused)
         self.ema = EMA(self.model, 0.999)
         self.bf16 = precision == "bf16-mixed"
 
@@ -181,7 +183,7 @@ def train_speed(cfg, tok, batch_size: int, precision: str, steps: int, device: s
 
 
 def varied_batches_speed(cfg, tok, batch_size: int, precision: str, steps: int, warmup: int,
-                         fused: bool = True) -> dict:
+                         fused: Optional[bool] = None) -> dict:
     """Mean step time over `steps` batches after `warmup`, each batch a new draw of the task mix: as in
     training, the rows of each task, the columns they read and the masked count change every step, and with
     them the shapes of the matmuls (what oneDNN's kernel cache holds, `mmar_cli/__init__.py`)."""
@@ -194,18 +196,19 @@ def varied_batches_speed(cfg, tok, batch_size: int, precision: str, steps: int, 
     for batch in batches[warmup:]:
         step(batch)
     seconds = (time.perf_counter() - start) / steps
-    return {"batch": batch_size, "step_s": seconds, "samples_s": batch_size / seconds}
+    return {"batch": batch_size, "step_s": seconds, "samples_s": batch_size / seconds,
+            "fused": bool(step.optim.defaults.get("fused"))}
 
 
 DEMO_PRESET = "configs/pretrain/demo.yaml"
 
 
 def step_choices_main(argv=None) -> None:
-    """`python benchmarks/bench_train.py SHARDS [--batch N] [--split-tasks] [--foreach]`: varied_batches_speed of
+    """`python benchmarks/bench_train.py SHARDS [--batch N] [--split-tasks] [--adamw fused|foreach]`: varied_batches_speed of
     the model `make demo` pretrains (DEMO_PRESET: its width, frame and batch), bf16-mixed, on the tokenizers of
     the shard directory SHARDS, printed as JSON with the choices it ran: oneDNN's kernel cache
     (ONEDNN_PRIMITIVE_CACHE_CAPACITY, read once per process), one pass per task or all rows in one
-    (model.split_tasks), fused or foreach AdamW, the batch. `make bench` runs it once per choice, against the
+    (model.split_tasks), fused or foreach AdamW (default: the trainer's), the batch. `make bench` runs it once per choice, against the
     demo's own settings."""
     import argparse
     import json
@@ -221,7 +224,8 @@ def step_choices_main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=20, help="untimed steps before them")
     p.add_argument("--batch", type=int, default=None, help="rows per batch (default: the demo's trainer.batch_size)")
     p.add_argument("--split-tasks", action="store_true", help="model.split_tasks=true: a pass per task")
-    p.add_argument("--foreach", action="store_true", help="foreach AdamW instead of the fused one")
+    p.add_argument("--adamw", choices=["fused", "foreach"], default=None,
+                   help="AdamW's kernels (default: the trainer's for this device, foreach on a CPU)")
     args = p.parse_args(argv)
     demo = load_config(TrainConfig, Path(__file__).resolve().parent.parent / DEMO_PRESET)
     tok, image_tok = load_tokenizers(args.shards)
@@ -229,9 +233,10 @@ def step_choices_main(argv=None) -> None:
                        mlp_hidden=demo.model.mlp_hidden, max_prefix_len=demo.model.max_prefix_len,
                        max_suffix_len=demo.model.max_suffix_len, split_tasks=args.split_tasks)
     batch = args.batch or demo.trainer.batch_size
-    r = varied_batches_speed(cfg, tok, batch, "bf16-mixed", args.steps, args.warmup, fused=not args.foreach)
+    fused = None if args.adamw is None else args.adamw == "fused"
+    r = varied_batches_speed(cfg, tok, batch, "bf16-mixed", args.steps, args.warmup, fused=fused)
     print(json.dumps({**r, "capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
-                      "split_tasks": args.split_tasks, "fused": not args.foreach, "width": cfg.width}))
+                      "split_tasks": args.split_tasks, "width": cfg.width}))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ STEP_CHOICES = [
     ("the demo's settings", {}, []),
     ("oneDNN's kernel cache at its own default, 1024 kernels", {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}, []),
     ("a pass per task (`model.split_tasks=true`)", {}, ["--split-tasks"]),
-    ("foreach AdamW instead of fused", {}, ["--foreach"]),
+    ("fused AdamW instead of foreach", {}, ["--adamw", "fused"]),
     ("batch 64 (`trainer.batch_size`'s default)", {}, ["--batch", "64"]),
 ]
 

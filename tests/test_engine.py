@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from mmar_cli.config import ModelConfig, OptimConfig
 from mmar_cli.engine.ema import EMA
-from mmar_cli.engine.module import lr_factor, param_groups
+from mmar_cli.engine.module import adamw, fused_adamw, lr_factor, param_groups
 from mmar_cli.seeding import step_seed
 from mmar_cli.model.mmar import MMAR
 from mmar_cli.model.presets import resolve
@@ -117,16 +117,24 @@ def test_importing_mmar_sets_the_kernel_cache_unless_the_user_did(given, kept):
     assert out.stdout.strip() == kept
 
 
-@pytest.mark.parametrize("scaler, fused", [(None, True), (torch.amp.GradScaler("cpu"), False)])
-def test_adamw_is_fused_unless_a_gradient_scaler_must_unscale_first(scaler, fused):
+@pytest.mark.parametrize("devices, scaler, fused", [
+    ({"cuda"}, None, True), ({"cuda"}, torch.amp.GradScaler("cpu"), False),
+    ({"cpu"}, None, False), ({"cpu", "cuda"}, None, False)])
+def test_adamw_is_fused_on_cuda_unless_a_gradient_scaler_must_unscale_first(devices, scaler, fused):
+    assert fused_adamw(devices, scaler) is fused
+
+
+@pytest.mark.parametrize("scaler", [None, torch.amp.GradScaler("cpu")])
+def test_the_trainer_on_a_cpu_steps_a_foreach_adamw(scaler):
     opt = tiny_train_module(scaler).configure_optimizers()["optimizer"]
-    assert bool(opt.defaults["fused"]) is fused and bool(opt.defaults["foreach"]) is not fused
+    assert not opt.defaults["fused"] and opt.defaults["foreach"]
 
 
 def test_gradient_clipping_with_a_fused_adamw_clips_the_global_norm():
     """Lightning's mixed-precision plugin refuses fused optimizers; the module clips them itself."""
     module = tiny_train_module()
-    opt = module.configure_optimizers()["optimizer"]
+    opt = adamw(module.model, module.cfg.optim, fused=True)
+    assert opt.defaults["fused"]
     for p in module.model.parameters():
         p.grad = torch.full_like(p, 3.0)
     module.configure_gradient_clipping(opt, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
