@@ -204,12 +204,12 @@ DEMO_PRESET = "configs/pretrain/demo.yaml"
 
 
 def step_choices_main(argv=None) -> None:
-    """`python benchmarks/bench_train.py SHARDS [--batch N] [--split-tasks] [--adamw fused|foreach]`: varied_batches_speed of
-    the model `make demo` pretrains (DEMO_PRESET: its width, frame and batch), bf16-mixed, on the tokenizers of
-    the shard directory SHARDS, printed as JSON with the choices it ran: oneDNN's kernel cache
-    (ONEDNN_PRIMITIVE_CACHE_CAPACITY, read once per process), one pass per task or all rows in one
-    (model.split_tasks), fused or foreach AdamW (default: the trainer's), the batch. `make bench` runs it once per choice, against the
-    demo's own settings."""
+    """`python benchmarks/bench_train.py SHARDS [--batch N] [--split-tasks] [--adamw fused|foreach]`:
+    varied_batches_speed of the model `make demo` pretrains (DEMO_PRESET: its width, frame and batch), bf16-mixed,
+    on the tokenizers of the shard directory SHARDS, printed as JSON with the choices it ran: oneDNN's kernel
+    cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY, read once per process), one pass per task or all rows in one
+    (model.split_tasks), fused or foreach AdamW (default: the trainer's), the batch. `make bench` runs it once
+    per choice, against the demo's own settings."""
     import argparse
     import json
     import os
