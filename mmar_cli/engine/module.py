@@ -72,7 +72,8 @@ def fused_adamw(device_types: set, scaler) -> bool:
     """Whether the trainer's AdamW is fused (one kernel for the whole update): on CUDA, and only without fp16's
     gradient scaler, which must unscale before clipping. On a CPU it is foreach: the fused update alone is
     faster there (2.4 against 14 ms a step for the demo's model), but the demo's pretraining at batch 128 ran
-    1.08x the samples/s with foreach (a synthetic step alone alike; docs/RESULTS.md, "Foreach AdamW on the CPU")."""
+    1.08x the samples/s with foreach (make bench's synthetic step: alike; docs/RESULTS.md, "Foreach AdamW on the
+    CPU")."""
     return scaler is None and set(device_types) == {"cuda"}
 
 
