@@ -118,10 +118,13 @@ def synthetic_batch(tok, layout, token_dim: int, batch_size: int, seed: int = 0)
 class TrainStep:
     """One optimizer step of the trainer on a batch: forward, backward, clip, AdamW, EMA."""
 
-    def __init__(self, cfg, precision: str, seed: int = 0, device: str = "cpu", fused: Optional[bool] = None):
+    def __init__(self, cfg, precision: str, seed: int = 0, device: str = "cpu", fused: Optional[bool] = None,
+                 compile: bool = False):
         torch.manual_seed(seed)
         self.device = torch.device(device)
         self.model = MMAR(cfg).train().to(self.device)
+        if compile:  # as trainer.compile=true does
+            self.model.compile_training()
         if fused is None:  # the trainer's AdamW (no gradient scaler: bf16-mixed or fp32)
             fused = fused_adamw({self.device.type}, None)
         self.optim = adamw(self.model, OmegaConf.structured(OptimConfig), fused)
@@ -170,24 +173,43 @@ def train_flops(model: MMAR, batch: dict, draws: int = 32) -> float:
     return total / draws
 
 
-def train_speed(cfg, tok, batch_size: int, precision: str, steps: int, device: str = "cpu") -> dict:
-    """Median step time of `cfg` at `batch_size`, with samples/s, tokens/s and FLOP/s."""
-    step = TrainStep(cfg, precision, device=device)
+def train_speed(cfg, tok, batch_size: int, precision: str, steps: int, device: str = "cpu", compile: bool = False,
+                peak_n: Optional[int] = None, rounds: int = 1) -> dict:
+    """Median step time of `cfg` at `batch_size` over `rounds` rounds of `steps` steps (each round's median),
+    with samples/s, tokens/s and FLOP/s. With `peak_n`, the matmul peak of the precision (`matmul_peak` of
+    `peak_n`²) is measured just before each round, and `peak_frac` is the median over the rounds of the round's
+    FLOP/s over the peak before it: on a shared virtual machine, whose speed drifts by 2x and more within
+    minutes, a peak measured apart from the steps is not their ceiling. Two untimed steps come first (oneDNN's
+    kernels; with `compile`, the compiler)."""
+    step = TrainStep(cfg, precision, device=device, compile=compile)
     batch = synthetic_batch(tok, step.model.layout, cfg.token_dim, batch_size)
-    seconds = median_seconds(lambda: step(batch), steps)
+    step(batch)
+    step(batch)
     flops = train_flops(step.model, batch)
+    times, peaks = [], []
+    for _ in range(rounds):
+        if peak_n:
+            peaks.append(matmul_peak(peak_n, torch.float32 if precision == "32" else torch.bfloat16,
+                                     warmup_s=0.3, device=device))
+        times.append(median_seconds(lambda: step(batch), steps, warmup=0))
+    seconds = statistics.median(times)
     length = step.model.layout.length
-    return {"batch": batch_size, "length": length, "step_s": seconds, "samples_s": batch_size / seconds,
-            "tokens_s": batch_size * length / seconds, "gflop_step": flops / 1e9,
-            "gflops": flops / seconds / 1e9, "params_m": sum(p.numel() for p in step.model.parameters()) / 1e6}
+    out = {"batch": batch_size, "length": length, "step_s": seconds, "samples_s": batch_size / seconds,
+           "tokens_s": batch_size * length / seconds, "gflop_step": flops / 1e9,
+           "gflops": flops / seconds / 1e9, "params_m": sum(p.numel() for p in step.model.parameters()) / 1e6,
+           "compiled": compile}
+    if peaks:
+        out.update(peak=statistics.median(peaks), peaks=peaks,
+                   peak_frac=statistics.median(flops / t / 1e9 / p for t, p in zip(times, peaks)))
+    return out
 
 
 def varied_batches_speed(cfg, tok, batch_size: int, precision: str, steps: int, warmup: int,
-                         fused: Optional[bool] = None) -> dict:
+                         fused: Optional[bool] = None, compile: bool = False) -> dict:
     """Mean step time over `steps` batches after `warmup`, each batch a new draw of the task mix: as in
     training, the rows of each task, the columns they read and the masked count change every step, and with
     them the shapes of the matmuls (what oneDNN's kernel cache holds, `mmar_cli/__init__.py`)."""
-    step = TrainStep(cfg, precision, fused=fused)
+    step = TrainStep(cfg, precision, fused=fused, compile=compile)
     batches = [synthetic_batch(tok, step.model.layout, cfg.token_dim, batch_size, seed=i)
                for i in range(warmup + steps)]
     for batch in batches[:warmup]:
@@ -197,19 +219,19 @@ def varied_batches_speed(cfg, tok, batch_size: int, precision: str, steps: int, 
         step(batch)
     seconds = (time.perf_counter() - start) / steps
     return {"batch": batch_size, "step_s": seconds, "samples_s": batch_size / seconds,
-            "fused": bool(step.optim.defaults.get("fused"))}
+            "fused": bool(step.optim.defaults.get("fused")), "compiled": compile}
 
 
 DEMO_PRESET = "configs/pretrain/demo.yaml"
 
 
 def step_choices_main(argv=None) -> None:
-    """`python benchmarks/bench_train.py SHARDS [--batch N] [--split-tasks] [--adamw fused|foreach]`:
+    """`python benchmarks/bench_train.py SHARDS [--batch N] [--split-tasks] [--adamw fused|foreach] [--compile]`:
     varied_batches_speed of the model `make demo` pretrains (DEMO_PRESET: its width, frame and batch), bf16-mixed,
     on the tokenizers of the shard directory SHARDS, printed as JSON with the choices it ran: oneDNN's kernel
     cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY, read once per process), one pass per task or all rows in one
-    (model.split_tasks), fused or foreach AdamW (default: the trainer's), the batch. `make bench` runs it once
-    per choice, against the demo's own settings."""
+    (model.split_tasks), fused or foreach AdamW (default: the trainer's), the blocks compiled (trainer.compile), the
+    batch. `make bench` runs it once per choice, against the demo's own settings."""
     import argparse
     import json
     import os
@@ -226,6 +248,7 @@ def step_choices_main(argv=None) -> None:
     p.add_argument("--split-tasks", action="store_true", help="model.split_tasks=true: a pass per task")
     p.add_argument("--adamw", choices=["fused", "foreach"], default=None,
                    help="AdamW's kernels (default: the trainer's for this device, foreach on a CPU)")
+    p.add_argument("--compile", action="store_true", help="trainer.compile=true: the blocks through torch.compile")
     args = p.parse_args(argv)
     demo = load_config(TrainConfig, Path(__file__).resolve().parent.parent / DEMO_PRESET)
     tok, image_tok = load_tokenizers(args.shards)
@@ -234,7 +257,8 @@ def step_choices_main(argv=None) -> None:
                        max_suffix_len=demo.model.max_suffix_len, split_tasks=args.split_tasks)
     batch = args.batch or demo.trainer.batch_size
     fused = None if args.adamw is None else args.adamw == "fused"
-    r = varied_batches_speed(cfg, tok, batch, "bf16-mixed", args.steps, args.warmup, fused=fused)
+    r = varied_batches_speed(cfg, tok, batch, "bf16-mixed", args.steps, args.warmup, fused=fused,
+                             compile=args.compile)
     print(json.dumps({**r, "capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
                       "split_tasks": args.split_tasks, "width": cfg.width}))
 

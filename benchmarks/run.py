@@ -18,6 +18,7 @@ import datetime
 import hashlib
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +56,7 @@ class Sizes:
     """How much of everything one run measures."""
 
     peak_n: int = 2048  # side of the square matmul of the peak
+    peak_rounds: int = 5  # training rows: rounds of (the peak, then the row's steps)
     train: dict = field(default_factory=lambda: {"tiny": (64, 5), "small": (32, 3)})  # preset: (batch, steps)
     scaling_batch: int = 16  # tiny preset, bf16-mixed: 1x, 2x, 4x of this batch and of the frame
     scaling_steps: int = 5
@@ -75,7 +77,7 @@ class Sizes:
     variant_prompts: int = 16  # prompts of the cache / batched-CFG comparisons
 
 
-QUICK = Sizes(peak_n=256, train={"tiny": (2, 1), "small": (2, 1)}, scaling_batch=1, scaling_steps=1,
+QUICK = Sizes(peak_n=256, peak_rounds=2, train={"tiny": (2, 1), "small": (2, 1)}, scaling_batch=1, scaling_steps=1,
               num_train=32, shard_size=8, data_batch=4, data_steps=12, fallback_steps=2, fallback_model=TOY_MODEL,
               prompts=2, batch=2, min_sampling_s=0.0, min_variant_s=0.0, variant_prompts=2, choices=(4, 1, 2),
               choice_repeats=1, loop_samples=512, autoencoder=(16, 2, 1))
@@ -103,20 +105,33 @@ def tokenize_shapes(root: Path, sizes: Sizes) -> Path:
     return root / "train"
 
 
+def training_runs(preset: str) -> List[tuple]:
+    """(precision, compiled) of each row of `preset`: both precisions eager, and for the small preset (the
+    target's) bf16-mixed with its blocks compiled as `trainer.compile=true` does, where torch.compile can run."""
+    from mmar_cli.model.mmar import compile_unavailable
+
+    runs = [(precision, False) for precision in bench_train.PRECISIONS]
+    return runs + [("bf16-mixed", True)] if preset == "small" and compile_unavailable("cpu") is None else runs
+
+
 def measure_training(tok, token_dim: int, sizes: Sizes) -> dict:
-    peaks = {"32": bench_train.matmul_peak(sizes.peak_n, torch.float32),
-             "bf16-mixed": bench_train.matmul_peak(sizes.peak_n, torch.bfloat16)}
-    log(f"matmul peak: fp32 {peaks['32']:.1f} GFLOP/s, bf16 {peaks['bf16-mixed']:.1f} GFLOP/s")
     rows = []
     for preset, (batch, steps) in sizes.train.items():
         cfg = bench_train.model_config(preset, tok.vocab_size, token_dim)
-        for precision in bench_train.PRECISIONS:
-            r = bench_train.train_speed(cfg, tok, batch, precision, steps)
-            r.update(preset=preset, precision=precision, peak_frac=r["gflops"] / peaks[precision])
+        for precision, compiled in training_runs(preset):
+            r = bench_train.train_speed(cfg, tok, batch, precision, steps, compile=compiled, peak_n=sizes.peak_n,
+                                        rounds=sizes.peak_rounds)
+            r.update(preset=preset, precision=precision)
             rows.append(r)
-            log(f"train {preset} {LABEL[precision]}: {r['samples_s']:.1f} samples/s, {r['tokens_s']:.0f} tokens/s, "
-                f"{100 * r['peak_frac']:.0f} % of peak")
-    return {"peaks": peaks, "rows": rows}
+            log(f"train {preset} {row_label(r)}: {r['samples_s']:.1f} samples/s, {r['tokens_s']:.0f} tokens/s, "
+                f"{100 * r['peak_frac']:.0f} % of the peak beside it ({r['peak']:.0f} GFLOP/s)")
+    peaks = {p: [x for r in rows if r["precision"] == p for x in r["peaks"]] for p in bench_train.PRECISIONS}
+    return {"peaks": {p: statistics.median(v) for p, v in peaks.items()},
+            "peak_range": {p: (min(v), max(v)) for p, v in peaks.items()}, "rows": rows}
+
+
+def row_label(r: dict) -> str:
+    return LABEL[r["precision"]] + (", compiled" if r["compiled"] else "")
 
 
 def measure_scaling(tok, token_dim: int, sizes: Sizes) -> dict:
@@ -139,6 +154,7 @@ STEP_CHOICES = [
     ("oneDNN's kernel cache at its own default, 1024 kernels", {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}, []),
     ("a pass per task (`model.split_tasks=true`)", {}, ["--split-tasks"]),
     ("fused AdamW instead of foreach", {}, ["--adamw", "fused"]),
+    ("the blocks compiled (`trainer.compile=true`)", {}, ["--compile"]),
     ("batch 64 (`trainer.batch_size`'s default)", {}, ["--batch", "64"]),
 ]
 
@@ -163,9 +179,13 @@ def measure_step_choices(shard_dir: Path, sizes: Sizes, threads: int) -> List[di
 
     batch, warmup, steps = sizes.choices
     sized = ["--warmup", str(warmup), "--steps", str(steps)] + ([] if batch is None else ["--batch", str(batch)])
-    runs: List[List[dict]] = [[] for _ in STEP_CHOICES]
+    from mmar_cli.model.mmar import compile_unavailable
+
+    # torch.compile's choice only where it can run (a C++ compiler on a CPU)
+    choices = [c for c in STEP_CHOICES if "--compile" not in c[2] or compile_unavailable("cpu") is None]
+    runs: List[List[dict]] = [[] for _ in choices]
     for _ in range(sizes.choice_repeats):
-        for (name, env, flags), results in zip(STEP_CHOICES, runs):
+        for (name, env, flags), results in zip(choices, runs):
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), **env}
             out = run_child([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), str(shard_dir),
                              *sized, *flags], env).stdout
@@ -326,7 +346,8 @@ def targets(training: dict, sampling: dict, data: List[dict]) -> List[str]:
     lines = []
     for r in training["rows"]:
         if r["preset"] == "small":
-            lines.append(f"{mark(r['peak_frac'] >= MIN_PEAK_FRACTION)} small preset, {LABEL[r['precision']]}: "
+            how = " (`trainer.compile=true`)" if r["compiled"] else ""
+            lines.append(f"{mark(r['peak_frac'] >= MIN_PEAK_FRACTION)} small preset, {row_label(r)}{how}: "
                          f"{100 * r['peak_frac']:.1f} % of the {LABEL[r['precision']]} matmul peak "
                          f"(target ≥ {100 * MIN_PEAK_FRACTION:.0f} %)")
     d, ref = sampling["default"], sampling["reference"]
@@ -378,21 +399,30 @@ def machine_section(info: dict) -> List[str]:
 
 
 def training_section(info: dict, training: dict) -> List[str]:
-    peaks, sizes, mix = training["peaks"], info["sizes"], TaskMixConfig()
+    peaks, spans, sizes, mix = training["peaks"], training["peak_range"], info["sizes"], TaskMixConfig()
+    fp32, bf16 = spans["32"], spans["bf16-mixed"]
     out = ["", "## Training", "",
            f"Matmul peak of this CPU in this run (best {info['machine']['threads']}-thread torch.mm of "
-           f"{sizes.peak_n}²): fp32 **{peaks['32']:.1f} GFLOP/s**, bf16 **{peaks['bf16-mixed']:.1f} GFLOP/s**.",
+           f"{sizes.peak_n}², measured before each of the {sizes.peak_rounds} rounds of steps of every row; median "
+           f"and range): fp32 **{peaks['32']:.1f} GFLOP/s** ({fp32[0]:.0f}-{fp32[1]:.0f}), bf16 "
+           f"**{peaks['bf16-mixed']:.1f} GFLOP/s** ({bf16[0]:.0f}-{bf16[1]:.0f}).",
            "", "One step = forward + backward + grad clip + AdamW + EMA on a batch in the default task mix "
            f"(text→image {mix.t2i}, image→text {mix.i2t}, image only {mix.image_only}) from "
-           "`sequence.build_batch`; median step time.", ""]
-    rows = [[r["preset"], f"{r['params_m']:.1f}M", LABEL[r["precision"]], r["batch"], r["length"],
+           "`sequence.build_batch`; step time = the median over the rounds of each round's median. \"of peak\" = "
+           "the median over the rounds of the round's FLOP/s over the peak measured just before it. \"compiled\": "
+           "the decoder's and the diffusion head's blocks through torch.compile (`trainer.compile=true`), its "
+           "compile time not counted.", ""]
+    rows = [[r["preset"], f"{r['params_m']:.1f}M", row_label(r), r["batch"], r["length"],
              f"{r['step_s']:.3f}", f"{r['samples_s']:.1f}", f"{r['tokens_s']:,.0f}", f"{r['gflop_step']:.1f}",
-             f"{r['gflops']:.1f}", f"{100 * r['peak_frac']:.1f} %"] for r in training["rows"]]
+             f"{r['gflops']:.1f}", f"{r['peak']:.0f}", f"{100 * r['peak_frac']:.1f} %"] for r in training["rows"]]
     out += table(["preset", "params", "precision", "batch", "frame", "step (s)", "samples/s", "tokens/s",
-                  "GFLOP/step", "GFLOP/s", "of peak"], rows)
-    by = {(r["preset"], r["precision"]): r for r in training["rows"]}
-    return out + [""] + [f"- {p}: bf16-mixed is **{by[(p, '32')]['step_s'] / by[(p, 'bf16-mixed')]['step_s']:.2f}×**"
-                         " the speed of fp32" for p in sizes.train]
+                  "GFLOP/step", "GFLOP/s", "peak beside it", "of peak"], rows)
+    by = {(r["preset"], r["precision"], r["compiled"]): r for r in training["rows"]}
+    eager = {p: by[(p, "bf16-mixed", False)]["step_s"] for p in sizes.train}
+    out += [""] + [f"- {p}: bf16-mixed is **{by[(p, '32', False)]['step_s'] / eager[p]:.2f}×** the speed of fp32"
+                   for p in sizes.train]
+    return out + [f"- {p}: compiled, bf16-mixed is **{eager[p] / r['step_s']:.2f}×** "
+                  "the speed of its eager steps" for (p, _, compiled), r in by.items() if compiled]
 
 
 def choices_section(info: dict, choices: List[dict], loop: List[dict]) -> List[str]:
@@ -501,11 +531,11 @@ def sampling_section(s: dict) -> List[str]:
 def method_section() -> List[str]:
     return ["", "## How the figures are computed", "", "Training FLOPs per step (`benchmarks/bench_train.py`):",
             "", "```", bench_train.FLOP_FORMULA.rstrip(), "```", "",
-            "Fraction of peak = FLOPs per step / median step time / the matmul peak of the same precision "
-            "measured in this run. Sampling figures include decoding tokens to pixels. \"Two separate batches\" "
-            "runs generate_images() on the conditional rows and on the unconditional rows one after the other "
-            "(the work of guidance done in two passes); \"re-running the prompt\" swaps the backbone for "
-            "`bench_sample.RecomputePrefix` inside the same generate_images()."]
+            "Fraction of peak = FLOPs per step / step time / the matmul peak of the same precision measured "
+            "just before those steps, the median over rounds. Sampling figures include decoding tokens to pixels. "
+            "\"Two separate batches\" runs generate_images() on the conditional rows and on the unconditional rows "
+            "one after the other (the work of guidance done in two passes); \"re-running the prompt\" swaps the "
+            "backbone for `bench_sample.RecomputePrefix` inside the same generate_images()."]
 
 
 # --------------------------------------------------------------------------------------------------

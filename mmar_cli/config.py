@@ -241,6 +241,8 @@ class TrainerConfig:
     num_workers: int = opt(1, "data loader workers per device", min=0)
     seed: int = opt(0, "global seed (model init, data order, masks, noise)")
     ema_decay: float = opt(0.995, "EMA decay of the weights (0: no EMA)", min=0.0, max=1.0)
+    compile: bool = opt(False, "run the transformer's and the diffusion head's blocks through torch.compile in "
+                        "training (needs a C++ compiler on a CPU; the first steps wait ~1 min for it)")
     log_every: int = opt(50, "steps between log lines", min=1)
     ckpt_every: int = opt(500, "steps between checkpoints", min=1)
     sample_every: int = opt(0, "steps between preview grids/captions written beside the checkpoints "

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import lightning as L
+import torch
 import typer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -28,6 +29,7 @@ from mmar_cli.engine.previews import Previews
 from mmar_cli.engine.strategy import lightning_strategy
 from mmar_cli.errors import UserError, console, warn
 from mmar_cli.model.factory import build_model, model_config
+from mmar_cli.model.mmar import compile_unavailable
 from mmar_cli.seeding import seed_run
 
 # The options both commands take (Typer option markers can be shared between commands).
@@ -86,6 +88,13 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
 
     seed_run(cfg.trainer.seed)
     model = build_model(cfg, tok.specials, init=None if resume else init)
+    if cfg.trainer.compile:
+        device = "cpu" if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available() else "cuda"
+        reason = compile_unavailable(device)
+        if reason:
+            raise UserError(f"config key 'trainer.compile': {reason}; install one (e.g. g++) or set "
+                            "trainer.compile=false")
+        model.compile_training()
     keys_log = str(out / "keys") if cfg.trainer.log_keys else None
     module = TrainModule(cfg, model, keys_log=keys_log)
     data = ShardDataModule(shards, tok, model.layout, cfg)

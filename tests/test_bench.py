@@ -18,7 +18,7 @@ import run as bench_run  # noqa: E402
 
 from mmar_cli.config import TrainConfig, load_config  # noqa: E402
 from mmar_cli.data.sequence import CAPTION, IGNORE, T2I, Layout, build_batch  # noqa: E402
-from mmar_cli.model.mmar import MMAR  # noqa: E402
+from mmar_cli.model.mmar import MMAR, compile_unavailable  # noqa: E402
 from mmar_cli.tokenizers.text import byte_tokenizer  # noqa: E402
 
 # linear image embedding and MAR's loss alone: the parts the FLOP formula below counts
@@ -100,11 +100,17 @@ def test_quick_run_writes_every_section(tmp_path):
                     "## Scaling", "## Data pipeline",
                     "## Sampling", "## How the figures are computed"):
         assert section in text
-    # 2 peak fractions, speed, accuracy, 2 data waits; each ✓, ✗ or – (no signal)
+    # the small preset's peak fractions (fp32, bf16-mixed, and compiled where torch.compile can run), speed,
+    # accuracy, 2 data waits; each ✓, ✗ or – (no signal)
+    compiles = compile_unavailable("cpu") is None
     targets = [line for line in text.split("## Targets")[1].split("## ")[0].splitlines() if line.startswith("- ")]
-    assert len(targets) == 6 and all(line[2] in "✓✗–" for line in targets), targets
+    assert len(targets) == 6 + compiles and all(line[2] in "✓✗–" for line in targets), targets
     small = [r for r in res["training"]["rows"] if r["preset"] == "small"]
-    assert [line[2] for line in targets[:2]] == ["✓" if r["peak_frac"] >= 0.4 else "✗" for r in small]
+    assert [(r["precision"], r["compiled"]) for r in small] == [("32", False), ("bf16-mixed", False)] + \
+        [("bf16-mixed", True)] * compiles
+    assert [line[2] for line in targets[:len(small)]] == ["✓" if r["peak_frac"] >= 0.4 else "✗" for r in small]
+    # each row's fraction is over the peaks measured beside its own steps
+    assert all(len(r["peaks"]) == 2 and min(r["peaks"]) <= r["peak"] <= max(r["peaks"]) for r in small)
 
     positive = [r[k] for r in res["training"]["rows"] for k in ("step_s", "samples_s", "tokens_s", "gflops",
                                                                  "peak_frac")]
@@ -122,9 +128,9 @@ def test_quick_run_writes_every_section(tmp_path):
     assert res["sha256_gbs"] > 0
     # the demo's settings, then each undone, each run by its own process (oneDNN reads its cache size once)
     ours = os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
-    assert [(r["capacity"], r["split_tasks"], r["fused"], r["batch"]) for r in res["choices"]] == [
-        (ours, False, False, 4), ("1024", False, False, 4), (ours, True, False, 4), (ours, False, True, 4),
-        (ours, False, False, 64)]
+    assert [(r["capacity"], r["split_tasks"], r["fused"], r["compiled"], r["batch"]) for r in res["choices"]] == [
+        (ours, False, False, False, 4), ("1024", False, False, False, 4), (ours, True, False, False, 4),
+        (ours, False, True, False, 4)] + [(ours, False, False, True, 4)] * compiles + [(ours, False, False, False, 64)]
     demo = load_config(TrainConfig, ROOT / "configs/pretrain/demo.yaml")
     assert all(r["width"] == demo.model.width and r["samples_s"] > 0 for r in res["choices"])
     assert [(r["batch"], r["steps"]) for r in res["loop"]] == [(demo.trainer.batch_size, 4), (64, 8)]

@@ -482,3 +482,38 @@ def test_a_batch_without_a_task_still_reaches_every_head(model):
     model(a_batch(model, (T2I,)))["loss"].backward()
     assert model.backbone.lm_head.weight.grad is not None
     model.zero_grad()
+
+
+class Refuse(torch.nn.Module):
+    """Stands in for a compiled block: any call fails, naming where it came from."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where = where
+
+    def forward(self, *a, **kw):
+        raise AssertionError(f"compiled {self.where} block called")
+
+
+def test_compile_training_routes_only_training_passes_through_the_compiled_blocks():
+    model = make_model()
+    keys = list(model.state_dict())
+    model.compile_training()
+    assert list(model.state_dict()) == keys  # the same modules: checkpoints do not change
+    assert len(model.backbone.compiled) == model.cfg.depth and len(model.head.compiled) == model.cfg.diffusion.depth
+    model.backbone.compiled = [Refuse("decoder")] * model.cfg.depth
+    model.head.compiled = [Refuse("head")] * model.cfg.diffusion.depth
+    batch = a_batch(model)
+    with torch.no_grad():
+        model(batch)  # eval mode: eager
+    model.train()
+    with torch.no_grad():
+        model(batch)  # training mode without gradients (a validation pass): eager
+    with pytest.raises(AssertionError, match="compiled decoder block called"):
+        model(batch)
+    model.backbone.compiled = None
+    with pytest.raises(AssertionError, match="compiled head block called"):
+        model(batch)
+    model.eval()
+    cond, uncond = t2i_prompts(model)
+    assert generate_images(model, cond, uncond, gen_config(), seeded(0, 1)).shape[0] == 2  # sampling: eager

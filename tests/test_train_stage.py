@@ -293,3 +293,32 @@ def test_fsdp_with_ema_is_refused(shards, tmp_path):
 
     with pytest.raises(UserError, match="trainer.ema_decay=0"):
         run_in_process(f"data={shards}", f"out={tmp_path / 'o'}", "trainer.strategy=fsdp")
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_training(shards, tmp_path, monkeypatch):
+    from torch._inductor import cpp_builder
+
+    from mmar_cli.errors import UserError
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler on PATH")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(UserError, match=r"trainer.compile.*no C\+\+ compiler.*trainer.compile=false"):
+        run_in_process(f"data={shards}", f"out={tmp_path / 'o'}", "trainer.compile=true")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_writes_the_same_checkpoint(shards, tmp_path):
+    from mmar_cli.model.mmar import compile_unavailable
+
+    if compile_unavailable("cpu"):
+        pytest.skip(compile_unavailable("cpu"))
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_in_process(f"data={shards}", f"out={eager}", "trainer.max_steps=3")
+    run_in_process(f"data={shards}", f"out={compiled}", "trainer.max_steps=3", "trainer.compile=true")
+    # the same keys and values: fused kernels round differently, nothing more
+    assert_same(weights(eager / "final"), weights(compiled / "final"), tol=1e-4)
+    assert_same(weights(eager / "final", "ema.safetensors"), weights(compiled / "final", "ema.safetensors"), tol=1e-4)
+    assert "compile: true" in (compiled / "config.yaml").read_text()

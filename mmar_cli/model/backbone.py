@@ -148,6 +148,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.grad_checkpointing = bool(cfg.grad_checkpointing)
+        self.compiled: Optional[list] = None  # compiled twins of the layers, for training (MMAR.compile_training)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width)
         self.layers = nn.ModuleList(block_from_cfg(cfg) for _ in range(cfg.depth))
         self.norm = RMSNorm(cfg.width, cfg.norm_eps)
@@ -169,9 +170,12 @@ class Backbone(nn.Module):
         cos, sin = self.rotary(positions)
         if cos.dim() == 2:
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        train = self.training and cache is None
         for i, block in enumerate(self.layers):
             block_keep = keep if i == len(self.layers) - 1 else None
-            if self.grad_checkpointing and self.training and cache is None:
+            if train and self.compiled and torch.is_grad_enabled():
+                block = self.compiled[i]
+            if self.grad_checkpointing and train:
                 x = checkpoint(block, x, cos, sin, mask, None, i, True, block_keep, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i, update_cache, block_keep)

@@ -8,6 +8,7 @@ untrained head predicts 0 and every block starts as the identity (as in DiT/MAR)
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -51,6 +52,7 @@ class DiffusionHead(nn.Module):
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, token_dim)
+        self.compiled: Optional[list] = None  # compiled twins of the blocks, for training (MMAR.compile_training)
         self._init()
 
     def _init(self):
@@ -76,7 +78,7 @@ class DiffusionHead(nn.Module):
         """The prediction at x [n, D] given c = time(t) + cond_proj(cond) ([n, width] or [1, width] + ...).
         A sampler projects each token's condition once, not at every diffusion step."""
         h = self.input_proj(x)
-        for block in self.blocks:
+        for block in self.compiled if self.compiled and self.training and torch.is_grad_enabled() else self.blocks:
             h = block(h, c)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
         return self.out(modulate(self.final_norm(h), shift, scale))

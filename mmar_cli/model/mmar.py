@@ -39,6 +39,20 @@ def truncated_normal(n: int, mean: float, std: float, low: float, high: float, d
     return x.clamp(low, high)
 
 
+def compile_unavailable(device_type: str) -> Optional[str]:
+    """Why torch.compile cannot compile training on `device_type` here, or None when it can: on a CPU its
+    inductor backend writes C++ and builds it with the compiler it finds (g++, clang++ or $CXX)."""
+    if device_type != "cpu":
+        return None
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - whatever stops the search is the reason
+        return f"torch.compile on a CPU builds C++ and found no C++ compiler ({type(e).__name__}: {e})"
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Core model
 # --------------------------------------------------------------------------------------------------
@@ -70,6 +84,15 @@ class MMAR(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):  # the text the backbone reads (model.embed_init_std)
                 nn.init.normal_(m.weight, std=self.cfg.embed_init_std)
+
+    def compile_training(self) -> None:
+        """Training passes run the backbone's decoder blocks and the diffusion head's blocks through
+        torch.compile (inductor: on a CPU it fuses the norms, rotations, activations and casts around the
+        matmuls into a few C++ kernels). Each block is compiled apart, as the masking and the rows each task
+        reads change between steps outside them. Inference keeps the eager blocks: its cache and token
+        counts change every iteration. The weights are the same modules' (state dicts are unchanged)."""
+        self.backbone.compiled = [torch.compile(block) for block in self.backbone.layers]
+        self.head.compiled = [torch.compile(block) for block in self.head.blocks]
 
     @property
     def layout(self) -> Layout:
