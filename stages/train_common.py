@@ -64,6 +64,9 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
     if cfg.trainer.strategy == "fsdp" and cfg.trainer.ema_decay > 0:
         raise UserError("trainer.strategy=fsdp shards the weights and the EMA is kept whole: set "
                         "trainer.ema_decay=0 with fsdp, or use trainer.strategy=ddp")
+    if cfg.trainer.strategy == "fsdp" and cfg.trainer.compile:
+        raise UserError("trainer.compile compiles the blocks that trainer.strategy=fsdp wraps and shards: set "
+                        "trainer.compile=false with fsdp, or use trainer.strategy=ddp")
     manifest = shard_io.read_manifest(cfg.data)
     shards = shard_io.shard_checksums(cfg.data)  # each checked by the loader as it opens it
     if not shards:

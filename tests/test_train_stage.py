@@ -288,11 +288,15 @@ def test_cli_error_is_one_line(tmp_path):
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_fsdp_with_ema_is_refused(shards, tmp_path):
+def test_fsdp_with_ema_or_compile_is_refused(shards, tmp_path):
     from mmar_cli.errors import UserError
 
     with pytest.raises(UserError, match="trainer.ema_decay=0"):
         run_in_process(f"data={shards}", f"out={tmp_path / 'o'}", "trainer.strategy=fsdp")
+    with pytest.raises(UserError, match="trainer.compile=false with fsdp"):
+        run_in_process(f"data={shards}", f"out={tmp_path / 'o'}", "trainer.strategy=fsdp", "trainer.ema_decay=0",
+                       "trainer.compile=true")
+    assert not (tmp_path / "o").exists()
 
 
 def test_compile_without_a_cpp_compiler_is_refused_before_training(shards, tmp_path, monkeypatch):
