@@ -35,6 +35,7 @@ import bench_train  # noqa: E402
 from report_tools import load_average, table  # noqa: E402
 from mmar_cli.config import TaskMixConfig  # noqa: E402
 from mmar_cli.machine import machine  # noqa: E402
+from mmar_cli.model.mmar import compile_unavailable  # noqa: E402
 from mmar_cli.results import record_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,8 +109,6 @@ def tokenize_shapes(root: Path, sizes: Sizes) -> Path:
 def training_runs(preset: str) -> List[tuple]:
     """(precision, compiled) of each row of `preset`: both precisions eager, and for the small preset (the
     target's) bf16-mixed with its blocks compiled as `trainer.compile=true` does, where torch.compile can run."""
-    from mmar_cli.model.mmar import compile_unavailable
-
     runs = [(precision, False) for precision in bench_train.PRECISIONS]
     return runs + [("bf16-mixed", True)] if preset == "small" and compile_unavailable("cpu") is None else runs
 
@@ -179,8 +178,6 @@ def measure_step_choices(shard_dir: Path, sizes: Sizes, threads: int) -> List[di
 
     batch, warmup, steps = sizes.choices
     sized = ["--warmup", str(warmup), "--steps", str(steps)] + ([] if batch is None else ["--batch", str(batch)])
-    from mmar_cli.model.mmar import compile_unavailable
-
     # torch.compile's choice only where it can run (a C++ compiler on a CPU)
     choices = [c for c in STEP_CHOICES if "--compile" not in c[2] or compile_unavailable("cpu") is None]
     runs: List[List[dict]] = [[] for _ in choices]

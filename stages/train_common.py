@@ -67,6 +67,12 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
     if cfg.trainer.strategy == "fsdp" and cfg.trainer.compile:
         raise UserError("trainer.compile compiles the blocks that trainer.strategy=fsdp wraps and shards: set "
                         "trainer.compile=false with fsdp, or use trainer.strategy=ddp")
+    if cfg.trainer.compile:
+        reason = compile_unavailable("cpu" if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
+                                     else "cuda")
+        if reason:
+            raise UserError(f"config key 'trainer.compile': {reason}; install one (e.g. g++) or set "
+                            "trainer.compile=false")
     manifest = shard_io.read_manifest(cfg.data)
     shards = shard_io.shard_checksums(cfg.data)  # each checked by the loader as it opens it
     if not shards:
@@ -92,11 +98,6 @@ def run(cfg, stage: str, overwrite: bool = False) -> Path:
     seed_run(cfg.trainer.seed)
     model = build_model(cfg, tok.specials, init=None if resume else init)
     if cfg.trainer.compile:
-        device = "cpu" if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available() else "cuda"
-        reason = compile_unavailable(device)
-        if reason:
-            raise UserError(f"config key 'trainer.compile': {reason}; install one (e.g. g++) or set "
-                            "trainer.compile=false")
         model.compile_training()
     keys_log = str(out / "keys") if cfg.trainer.log_keys else None
     module = TrainModule(cfg, model, keys_log=keys_log)
